@@ -1,0 +1,1 @@
+"""The public functional API: one dispatch point per op (validate -> pick backend -> call)."""
