@@ -55,3 +55,50 @@ def check_positive_float(name: str, value: object) -> float:
     if not value > 0:
         raise ValueError(f"{name}: expected a positive number, got {value}")
     return float(value)
+
+
+def check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return value
+
+
+def check_heads(q_name: str, q_heads: int, kv_name: str, kv_heads: int) -> None:
+    """GQA/MQA: the query heads split evenly over the kv heads."""
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(
+            f"{q_name}: expected a number of heads divisible by the {kv_heads} heads of {kv_name}, got {q_heads}"
+        )
+
+
+def check_cu_seqlens(name: str, cu_seqlens: object, num_tokens: int, device: torch.device) -> list[int]:
+    """``cu_seqlens`` is int32 ``(batch+1,)``: 0, then non-decreasing, ending at ``num_tokens``.
+
+    Returns the per-sequence lengths as a host list (one device sync).
+    """
+    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+    if cu_seqlens.numel() == 0:
+        raise ValueError(f"{name}: expected shape (batch+1,) starting with 0, got an empty tensor")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"{name}: expected to start at 0, got {offsets[0]}")
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    for i, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"{name}: expected non-decreasing offsets, got {offsets[i + 1]} after {offsets[i]}")
+    if offsets[-1] != num_tokens:
+        raise ValueError(
+            f"{name}: expected to end at the number of tokens {num_tokens}, got {offsets[-1]} "
+            "(the sequences do not cover the tokens)"
+        )
+    return lengths
+
+
+def check_max_seqlen(name: str, value: object, actual: int) -> int:
+    """``value`` (None: use ``actual``) is an int no smaller than the longest sequence."""
+    if value is None:
+        return actual
+    check_int(name, value)
+    if value < actual:
+        raise ValueError(f"{name}: expected at least the longest sequence length {actual}, got {value}")
+    return value

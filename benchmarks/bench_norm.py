@@ -1,0 +1,313 @@
+"""Fused residual add + LayerNorm / RMSNorm in bf16: ours against eager PyTorch, torch.compile and
+Liger-Kernel, measured in the same run.
+
+    python -m benchmarks.bench_norm                  # the full grid on a GPU -> results/{gpu}_norm.json, .png
+    python -m benchmarks.bench_norm --quick          # two small sizes; on CPU -> results/cpu_norm.json
+    python -m benchmarks.bench_norm --ops rmsnorm --sizes 16384x4096   # -> results/{gpu}_norm_partial.*
+
+Bytes counted per case, the same for every implementation (so TB/s ratios are ms ratios), 2 B each:
+    fwd      4*N*H: read x, residual; write y, h
+    fwd+bwd  8*N*H: the forward's, plus the backward reading dy, dh, h and writing dx (h = x + residual
+             passes one gradient to both inputs, so dresidual is dx and is not counted again)
+weight, bias, their gradients and the per-row statistics (O(H) and O(N) bytes) are left out.
+The backward gets fresh random gradients for both y and h, as in a transformer block where h feeds
+the next residual add.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import llmfast
+from benchmarks.common import (
+    COPY_TB_S,
+    bench_ms,
+    default_device,
+    measure_copy_tb_s,
+    plot_bars,
+    print_table,
+    save_results,
+    tb_per_s,
+)
+
+SIZES = [(4096, 4096), (16384, 4096), (32768, 8192), (4096, 16384), (4096, 65536)]
+QUICK_SIZES = [(256, 1024), (1024, 4096)]
+MODES = ("fwd", "fwd+bwd")
+DTYPE = torch.bfloat16
+# --ops name -> (llmfast op, label, eps)
+OPS = {
+    "layernorm": ("add_layer_norm", "add+LayerNorm", 1e-5),
+    "rmsnorm": ("add_rms_norm", "add+RMSNorm", 1e-6),
+}
+# Ours on each device. The cuda and cpu backends' backward is a PyTorch composite in llmfast.ops.norm,
+# not a kernel, so they are timed forward only.
+OUR_BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpu", "reference")}
+FORWARD_ONLY = ("cuda", "cpu")
+ATOL, RTOL = 0.05, 0.02  # bf16: a correct kernel differs from eager by a rounding or two
+PARAM_GRAD_REL_ERR = 0.02  # ||dw - dw_eager|| / ||dw_eager||: dw, db are sums over N rows
+
+
+@dataclass
+class Impl:
+    name: str
+    fn: Callable | None  # (x, residual, weight, bias) -> (y, h); None when unavailable
+    ours: bool = False
+    backward: bool = True
+    why_not: str = ""
+
+
+def _eager(op: str, eps: float) -> Callable:
+    if op == "layernorm":
+        def add_layer_norm(x, r, w, b):
+            h = x + r
+            return F.layer_norm(h, (h.shape[-1],), w, b, eps), h
+        return add_layer_norm
+
+    def add_rms_norm(x, r, w, b):
+        h = x + r
+        return F.rms_norm(h, (h.shape[-1],), w, eps), h
+    return add_rms_norm
+
+
+def _liger(op: str, eps: float) -> list[Impl]:
+    """Liger-Kernel 0.8.x: its norm after an eager add, and (RMSNorm) its own fused add+norm."""
+    try:
+        if op == "layernorm":
+            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+            def liger_ln(x, r, w, b):
+                h = x + r
+                return LigerLayerNormFunction.apply(h, w, b, eps), h
+            return [Impl("liger (add, then LN)", liger_ln)]
+
+        from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        def liger_rms(x, r, w, b):
+            h = x + r
+            # apply() takes no keywords: (X, W, eps, offset, casting_mode, in_place). in_place=False
+            # keeps the timed loop's dy intact (in place, the backward overwrites dy with dx).
+            return LigerRMSNormFunction.apply(h, w, eps, 0.0, "llama", False), h
+
+        def liger_fused(x, r, w, b):
+            return LigerFusedAddRMSNormFunction.apply(x, r, w, eps)  # (y, h)
+        return [Impl("liger (add, then RMS)", liger_rms), Impl("liger fused add+RMS", liger_fused)]
+    except Exception as exc:  # not installed, or built against another Triton: the peer is n/a, not the run
+        return [Impl("liger", None, why_not=f"{type(exc).__name__}: {exc}")]
+
+
+def _ours(op: str, eps: float, device: torch.device) -> list[Impl]:
+    op_name = OPS[op][0]
+    fn = getattr(llmfast.ops, op_name, None)
+    if fn is None:
+        raise SystemExit(f"llmfast.ops.{op_name} does not exist in this checkout; nothing of ours to time")
+    runnable = llmfast.available_backends(op_name)
+    impls = []
+    for backend in OUR_BACKENDS[device.type]:
+        if backend not in runnable:
+            impls.append(Impl(f"ours ({backend})", None, True, backend not in FORWARD_ONLY, f"not among {runnable}"))
+            continue
+        if op == "layernorm":
+            call = lambda x, r, w, b, be=backend: fn(x, r, w, b, eps, backend=be)  # noqa: E731
+        else:
+            call = lambda x, r, w, b, be=backend: fn(x, r, w, eps, backend=be)  # noqa: E731
+        impls.append(Impl(f"ours ({backend})", call, ours=True, backward=backend not in FORWARD_ONLY))
+    if all(i.fn is None for i in impls):
+        raise SystemExit(f"none of our {OUR_BACKENDS[device.type]} backends of {op_name} runs here ({runnable})")
+    return impls
+
+
+def implementations(op: str, device: torch.device, compile_peer: bool) -> list[Impl]:
+    eps = OPS[op][2]
+    eager = _eager(op, eps)
+    impls = [Impl("eager", eager)]
+    if compile_peer:
+        impls.append(Impl("torch.compile", torch.compile(eager)))
+    else:
+        impls.append(Impl("torch.compile", None, why_not="--no-compile"))
+    if device.type == "cuda":
+        impls += _liger(op, eps)
+    return impls + _ours(op, eps, device)
+
+
+def _check_close(what: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (ours.float() - ref.float()).abs()
+    if not bool((diff <= ATOL + RTOL * ref.float().abs()).all()):
+        raise AssertionError(f"{what}: max abs diff {diff.max().item():.4g} from eager exceeds bf16 tolerance")
+    return diff.max().item()
+
+
+def check_against_eager(impl: Impl, eager: Callable, x, r, w, b, dy, dh) -> dict:
+    """``impl`` against eager; raises when clearly wrong. The forward is compared with eager in bf16;
+    input gradients (when timed) with eager on the same values in float32, as eager's own bf16 weight
+    gradient is off by ~3% on CPU."""
+    with torch.no_grad():
+        y_ref, h_ref = eager(x, r, w, b)
+        y, h = impl.fn(x, r, w, b)
+        report = {"y_max_abs_diff": _check_close(f"{impl.name} y", y, y_ref),
+                  "h_max_abs_diff": _check_close(f"{impl.name} h", h, h_ref)}
+    del y_ref, h_ref, y, h
+    if impl.backward:
+        def leaves(dtype):
+            return [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, r, w, b)]
+
+        def input_grads(fn, args, dtype):
+            return torch.autograd.grad(fn(*args), [t for t in args if t is not None], (dy.to(dtype), dh.to(dtype)))
+
+        grads = input_grads(impl.fn, leaves(x.dtype), x.dtype)
+        grads_ref = input_grads(eager, leaves(torch.float32), torch.float32)
+        report["dx_max_abs_diff"] = _check_close(f"{impl.name} dx", grads[0], grads_ref[0])
+        report["dresidual_max_abs_diff"] = _check_close(f"{impl.name} dresidual", grads[1], grads_ref[1])
+        for what, g, g_ref in zip(("dweight", "dbias"), grads[2:], grads_ref[2:]):
+            rel = ((g.float() - g_ref.float()).norm() / g_ref.float().norm()).item()
+            if rel > PARAM_GRAD_REL_ERR:
+                raise AssertionError(f"{impl.name} {what}: relative error {rel:.3g} from eager")
+            report[f"{what}_rel_err"] = rel
+    print(f"  check {impl.name}: " + ", ".join(f"{k} {v:.3g}" for k, v in report.items()))
+    return report
+
+
+def run_case(op: str, n: int, hidden: int, impls: list[Impl], device: torch.device) -> list[dict]:
+    """Checks ours, then times every implementation in both modes; one result dict per (mode, impl)."""
+    torch.manual_seed(0)
+    x, r, dy, dh = (torch.randn(n, hidden, dtype=DTYPE, device=device) for _ in range(4))
+    w = 1 + 0.1 * torch.randn(hidden, dtype=DTYPE, device=device)  # trained norm weights sit near 1
+    b = 0.1 * torch.randn(hidden, dtype=DTYPE, device=device) if op == "layernorm" else None
+    params = [p for p in (x, r, w, b) if p is not None]
+    eager = impls[0].fn
+    checks = {i.name: check_against_eager(i, eager, x, r, w, b, dy, dh) for i in impls if i.ours and i.fn}
+
+    rows = []
+    for mode in MODES:
+        nbytes = (4 if mode == "fwd" else 8) * n * hidden * x.element_size()
+        for p in params:
+            p.requires_grad_(mode != "fwd")
+        for impl in impls:
+            row = {"op": op, "mode": mode, "n": n, "hidden": hidden, "impl": impl.name, "ours": impl.ours,
+                   "bytes": nbytes, "ms": None, "tb_s": None, "roofline": None}
+            if mode != "fwd" and not impl.backward:
+                continue
+            if impl.fn is None:
+                rows.append({**row, "error": impl.why_not})
+                if mode == "fwd":
+                    print(f"  {impl.name}: n/a ({impl.why_not})")
+                continue
+            if mode == "fwd":
+                step = lambda f=impl.fn: f(x, r, w, b)  # noqa: E731
+            else:
+                step = lambda f=impl.fn: torch.autograd.backward(f(x, r, w, b), (dy, dh))  # noqa: E731
+            try:
+                for _ in range(3):  # compiles, autotunes, fills the allocator's cache
+                    step()
+                ms = bench_ms(step, grad_to_none=params, device=device)
+            except Exception as exc:  # a peer that fails here is reported n/a; ours must work
+                if impl.ours:
+                    raise
+                rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(f"  {impl.name} {mode}: n/a ({rows[-1]['error']})")
+                continue
+            tb_s = tb_per_s(nbytes, ms)
+            rows.append({**row, "ms": ms, "tb_s": tb_s, "roofline": tb_s / COPY_TB_S,
+                         "check": checks.get(impl.name)})
+            print(f"  {mode:7} {impl.name:24} {ms:9.4f} ms  {tb_s:6.3f} TB/s", flush=True)
+    for p in params:
+        p.grad = None
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``vs_best_peer``: best peer ms / our ms (above 1 is faster than every peer) for each of our rows."""
+    cases: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cases.setdefault((row["op"], row["mode"], row["n"], row["hidden"]), []).append(row)
+    for case in cases.values():
+        peers = [row for row in case if not row["ours"] and row["ms"] is not None]
+        best = min(peers, key=lambda row: row["ms"], default=None)
+        for row in case:
+            if row["ours"] and best is not None and row["ms"] is not None:
+                row["best_peer"] = best["impl"]
+                row["vs_best_peer"] = best["ms"] / row["ms"]
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected NxH[,NxH...], e.g. 4096x4096,16384x4096; got {text!r}")
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_norm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", default="layernorm,rmsnorm", help="comma-separated: layernorm,rmsnorm")
+    parser.add_argument("--sizes", type=_parse_sizes, help="N x H list, e.g. 4096x4096,16384x4096")
+    parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}: a smoke run (CPU too)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
+    parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile peer out")
+    args = parser.parse_args(argv)
+
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown or not ops:
+        parser.error(f"--ops: expected a comma-separated subset of {list(OPS)}, got {args.ops!r}")
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+    if device.type == "cpu" and sizes is SIZES:
+        parser.error("on CPU the full grid (up to 32768x8192 with gradients) is too big: use --quick or --sizes")
+    full_run = sizes is SIZES and ops == list(OPS)
+    # a partial or quick GPU run must not overwrite the full grid's results; CPU results are never canonical
+    name = "norm" if full_run or device.type == "cpu" else "norm_partial"
+
+    copy_tb_s = measure_copy_tb_s() if device.type == "cuda" else None
+    if copy_tb_s is not None:
+        print(f"device-to-device copy here: {copy_tb_s:.2f} TB/s (H100 in BENCHMARKS.md: {COPY_TB_S})")
+    rows = []
+    for op in ops:
+        for n, hidden in sizes:
+            print(f"{OPS[op][1]} {n}x{hidden} bf16 on {device.type}", flush=True)
+            torch._dynamo.reset()  # compile once per shape, from scratch, under the recompile limit
+            rows += run_case(op, n, hidden, implementations(op, device, not args.no_compile), device)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    add_ratios(rows)
+
+    save_results(name, {
+        "bytes": "fwd 4*N*H*2 (read x, residual; write y, h); fwd+bwd 8*N*H*2 (plus read dy, dh, h; write dx)",
+        "roofline_tb_s": COPY_TB_S, "copy_tb_s_measured": copy_tb_s, "dtype": "bfloat16", "results": rows,
+    }, device=device, packages=("liger_kernel", "llmfast"))
+    size_labels = [f"{n}x{h}" for n, h in sizes]
+    panels = {}
+    for op in ops:
+        for mode in MODES:
+            impl_names = dict.fromkeys(r["impl"] for r in rows if r["op"] == op and r["mode"] == mode and r["tb_s"])
+            tb = {(r["impl"], f"{r['n']}x{r['hidden']}"): r["tb_s"] for r in rows if r["op"] == op and r["mode"] == mode}
+            panels[f"{OPS[op][1]} {mode}, bf16"] = (
+                size_labels, {i: [tb.get((i, s)) for s in size_labels] for i in impl_names})
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    plot_bars(name, panels, ylabel="effective TB/s", device=device, title=f"fused add + norm, {where}",
+              hline=COPY_TB_S if device.type == "cuda" else None, hline_label=f"H100 copy, {COPY_TB_S} TB/s")
+
+    order = {m: i for i, m in enumerate(MODES)}
+    table = sorted(rows, key=lambda r: (ops.index(r["op"]), order[r["mode"]], sizes.index((r["n"], r["hidden"]))))
+    print()
+    print_table([{
+        "op": OPS[r["op"]][1], "mode": r["mode"], "N x H": f"{r['n']}x{r['hidden']}", "impl": r["impl"],
+        "ms": r["ms"], "TB/s": r["tb_s"],
+        f"% of {COPY_TB_S} TB/s": None if r["roofline"] is None else 100 * r["roofline"],
+        "x best peer": r.get("vs_best_peer") if r["ours"] else "",
+    } for r in table], ["op", "mode", "N x H", "impl", "ms", "TB/s", f"% of {COPY_TB_S} TB/s", "x best peer"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

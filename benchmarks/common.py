@@ -1,0 +1,205 @@
+"""Shared benchmark helpers: timing, roofline constants, the printed table, JSON + PNG results.
+
+Each op benchmark (norm, attention, quant, paged, throughput) times with ``bench_ms``, reports its
+effective bandwidth or FLOP rate beside the time against the ceilings below, prints ``print_table``
+and writes ``benchmarks/results/{gpu}_{name}.json`` and ``.png``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+# Ceilings measured on an NVIDIA H100 80GB HBM3 (BENCHMARKS.md, 2026-11-23): a 2 GiB device-to-device
+# copy, counting bytes read + written, and a bf16 8192^3 matmul. Results on other GPUs are reported
+# against the same numbers; measure_copy_tb_s() gives the machine's own copy ceiling beside them.
+COPY_TB_S = 3.0
+BF16_TFLOPS = 760.0
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def gpu_name(device: torch.device | str | None = None) -> str:
+    """Short lowercase tag for result file names: "h100", "h200", ..., or "cpu" for CPU runs."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)  # e.g. "NVIDIA H100 80GB HBM3"
+    model = re.search(r"\b([A-Z]+[0-9]+[A-Za-z]*)\b", name.replace("NVIDIA", ""))
+    if model:
+        return model.group(1).lower()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
+
+
+def bench_ms(
+    fn: Callable[[], object],
+    *,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> float:
+    """Median milliseconds per call of ``fn``; ``grad_to_none`` tensors get ``.grad = None`` before each call.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls). CPU: ``time.perf_counter``.
+    Warm up anything that compiles on its first call before timing it: do_bench sizes its loops from
+    the first few calls.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"))
+
+    def call_ms() -> float:
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    estimate = max(call_ms(), 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        call_ms()
+    return statistics.median(call_ms() for _ in range(max(5, int(rep_ms / estimate))))
+
+
+def tb_per_s(nbytes: float, ms: float) -> float:
+    return nbytes / ms / 1e9
+
+
+def measure_copy_tb_s(nbytes: int = 2 << 30) -> float | None:
+    """This GPU's device-to-device copy rate (bytes read + written), as BENCHMARKS.md measured it."""
+    if not torch.cuda.is_available():
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return tb_per_s(2 * nbytes, ms)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def print_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> None:
+    """Prints ``rows`` aligned under ``columns`` (their keys); numbers right-aligned, None as n/a."""
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) in (None, "") for row in rows) for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    print(line(columns))
+    print(line(["-" * w for w in widths]))
+    for r in cells:
+        print(line(r))
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def run_metadata(device: torch.device | str | None = None, packages: Sequence[str] = ()) -> dict:
+    device = torch.device(device) if device is not None else default_device()
+    on_gpu = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine()),
+        "gpu": gpu_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda if on_gpu else None,
+        "versions": {p: package_version(p) for p in ("torch", "triton", *packages)},
+    }
+
+
+def results_path(name: str, suffix: str, device: torch.device | str | None = None) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    return RESULTS_DIR / f"{gpu_name(device)}_{name}{suffix}"
+
+
+def save_results(
+    name: str, payload: Mapping, *, device: torch.device | str | None = None, packages: Sequence[str] = ()
+) -> Path:
+    """Writes ``benchmarks/results/{gpu}_{name}.json``: run metadata, then ``payload``."""
+    path = results_path(name, ".json", device)
+    path.write_text(json.dumps({"meta": run_metadata(device, packages), **payload}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def plot_bars(
+    name: str,
+    panels: Mapping[str, tuple[Sequence[str], Mapping[str, Sequence[float | None]]]],
+    *,
+    ylabel: str,
+    hline: float | None = None,
+    hline_label: str | None = None,
+    title: str | None = None,
+    device: torch.device | str | None = None,
+) -> Path | None:
+    """Grouped bar charts, two panels a row, to ``benchmarks/results/{gpu}_{name}.png``.
+
+    panels: title -> (x labels, {series label: one value per x label, None where not measured}).
+    A series keeps its colour in every panel.
+    """
+    try:
+        from matplotlib.figure import Figure  # renders with Agg, without touching pyplot's global backend
+    except ImportError:
+        print("note: matplotlib is not installed, so no PNG was written")
+        return None
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(7 * ncols, 4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    labels = list(dict.fromkeys(label for _, series in panels.values() for label in series))
+    for ax, (title, (xlabels, series)) in zip(axes, panels.items()):
+        width = 0.8 / max(1, len(series))
+        for i, (label, values) in enumerate(series.items()):
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(xlabels))]
+            heights = [float("nan") if v is None else v for v in values]
+            ax.bar(xs, heights, width, label=label, color=f"C{labels.index(label) % 10}")
+        if hline is not None:
+            ax.axhline(hline, color="black", linestyle="--", linewidth=1, label=hline_label)
+        ax.set_xticks(range(len(xlabels)), xlabels, fontsize=8)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    path = results_path(name, ".png", device)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+    return path

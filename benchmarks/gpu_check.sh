@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One remote call on a GPU machine, from the repo root: build, GPU tests, benchmarks; logs and
+# results land flat in $OUT (at most 8 files come back from there).
+#
+#   bash benchmarks/gpu_check.sh                               # build tests bench:norm
+#   bash benchmarks/gpu_check.sh tests bench:norm              # builds first only if not installed yet
+#   bash benchmarks/gpu_check.sh "bench:norm:--ops rmsnorm --quick"   # bench:NAME[:ARGS]
+#   steps: build, tests (pytest -m gpu), tests:all (the whole suite), bench:NAME[:ARGS]
+#
+# Carried wheels in .whl/ (e.g. liger_kernel, pytest) are installed to /tmp/site first.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build tests bench:norm)
+summary=()
+failed=0
+
+run_step() {  # run_step NAME LOG COMMAND...: times COMMAND, tees it into $OUT/LOG, records the outcome
+    local name=$1 log=$2 start=$SECONDS rc
+    shift 2
+    echo "=== $name"
+    "$@" 2>&1 | tee "$OUT/$log"
+    rc=$?
+    [ $rc -ne 0 ] && failed=$((failed + 1))
+    summary+=("$(printf '%-32s %-8s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo "FAIL($rc)")" $((SECONDS - start)) "$log")")
+}
+
+build() {
+    MAX_JOBS=16 LLMFAST_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps -e . &&
+        python3 -c "import llmfast, llmfast_kernels; print('backends:', llmfast.available_backends('add_rms_norm'))"
+}
+
+gpu_tests() {
+    python3 -m pytest -q -x -m gpu tests/
+    local rc=$?
+    [ $rc -eq 5 ] && { echo "no tests are marked gpu"; return 0; }
+    return $rc
+}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+gpu=$(nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv)
+echo "$gpu"
+stamp=$(mktemp)  # results written after this are this run's
+
+if [[ " ${steps[*]} " != *" build "* ]] && ! python3 -c "import llmfast_kernels" 2> /dev/null; then
+    steps=(build "${steps[@]}")  # a fresh machine: nothing to test without the package installed
+fi
+for step in "${steps[@]}"; do
+    case $step in
+        build) run_step build build.log build ;;
+        tests) run_step "pytest -m gpu" gpu_tests.log gpu_tests ;;
+        tests:all) run_step "pytest (all)" all_tests.log python3 -m pytest -q tests/ ;;
+        bench:*)
+            spec=${step#bench:}
+            name=${spec%%:*}
+            args=""
+            [[ $spec == *:* ]] && args=${spec#*:}
+            # shellcheck disable=SC2086  # ARGS are meant to split into words
+            run_step "bench $name $args" "bench_$name.log" python3 -m benchmarks.bench_$name $args ;;
+        *) echo "unknown step '$step' (build, tests, tests:all, bench:NAME[:ARGS])"; failed=$((failed + 1)) ;;
+    esac
+done
+
+find benchmarks/results -maxdepth 1 -type f -newer "$stamp" -exec cp {} "$OUT/" \;
+rm -f "$stamp"
+echo
+echo "=== summary"
+echo "$gpu" | tail -n +2
+printf '%s\n' "${summary[@]}"
+echo "files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+[ $failed -eq 0 ]

@@ -1,0 +1,95 @@
+"""Drop-in norm modules: same constructors and parameter names as torch.nn, so state dicts load."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from llmfast.ops.norm import add_layer_norm, add_rms_norm
+
+
+def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+class _NormBase(torch.nn.Module):
+    """Normalises the trailing ``normalized_shape`` dims, flattened into one hidden dim."""
+
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype, backend):
+        super().__init__()
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.weight = self.bias = None
+        if elementwise_affine:
+            self.weight = torch.nn.Parameter(torch.ones(self.normalized_shape, **factory))
+            if bias:
+                self.bias = torch.nn.Parameter(torch.zeros(self.normalized_shape, **factory))
+
+    def _flat(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """(x, residual) with the normalised dims flattened into one, and x's original shape."""
+        n = len(self.normalized_shape)
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[x.dim() - n:]) != self.normalized_shape:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected trailing dims {self.normalized_shape}, got {got}")
+        if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape):
+            got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+            raise ValueError(f"residual: expected shape {tuple(x.shape)} (the shape of x), got {got}")
+        flat = (*x.shape[: x.dim() - n], math.prod(self.normalized_shape))
+        r2 = None if residual is None else residual.reshape(flat)
+        return x.reshape(flat), r2, tuple(x.shape)
+
+    @staticmethod
+    def _param(p: torch.Tensor | None) -> torch.Tensor | None:
+        return None if p is None else p.reshape(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class FusedAddLayerNorm(_NormBase):
+    """``forward(x, residual=None) -> (y, h)`` with ``h = x + residual``, ``y = LayerNorm(h)``."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
+                 device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        x2, r2, shape = self._flat(x, residual)
+        y, h = add_layer_norm(x2, r2, self._param(self.weight), self._param(self.bias), self.eps,
+                              backend=self.backend)
+        return y.view(shape), h.view(shape)
+
+
+class LayerNorm(FusedAddLayerNorm):
+    """Drop-in for ``torch.nn.LayerNorm`` (parameters ``weight`` and ``bias``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]
+
+
+class FusedAddRMSNorm(_NormBase):
+    """``forward(x, residual=None) -> (y, h)`` with ``h = x + residual``, ``y = RMSNorm(h)``.
+
+    ``eps=None`` uses ``torch.finfo(x.dtype).eps``, as ``torch.nn.RMSNorm`` does.
+    """
+
+    def __init__(self, hidden_size, eps: float | None = 1e-6, elementwise_affine=True,
+                 device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(hidden_size, eps, elementwise_affine, False, device, dtype, backend)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        x2, r2, shape = self._flat(x, residual)
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        y, h = add_rms_norm(x2, r2, self._param(self.weight), eps, backend=self.backend)
+        return y.view(shape), h.view(shape)
+
+
+class RMSNorm(FusedAddRMSNorm):
+    """Drop-in for ``torch.nn.RMSNorm`` and HF ``LlamaRMSNorm`` (parameter ``weight``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]

@@ -1,0 +1,203 @@
+"""Fused residual-add + LayerNorm/RMSNorm: every backend against a float64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmfast
+from llmfast import BackendUnavailable
+from llmfast.ops import add_layer_norm, add_rms_norm
+from _wip_helpers import assert_close_2x, poison_allocations, require_backend
+
+BACKENDS = ["reference", "triton", "cpu", "cuda"]
+HIDDEN = [1, 7, 1000, 4097, 8192, 65536]
+LEADING = [(3,), (2, 3), (2, 1, 2)]
+# (residual, weight, bias): all present, then each optional input left out
+AFFINE = [(True, True, True), (False, True, True), (True, False, False), (True, True, False)]
+
+
+def _call(kind, x, r, w, b, backend):
+    if kind == "layer":
+        return add_layer_norm(x, r, w, b, 1e-5, backend=backend)
+    return add_rms_norm(x, r, w, 1e-6, backend=backend)
+
+
+def _torch_norm(kind, x, r, w, b):
+    """Plain PyTorch in the inputs' dtype (the peer for the 2x-error rule), and float64 when given float64."""
+    h = x if r is None else x + r
+    if kind == "layer":
+        return F.layer_norm(h, (h.shape[-1],), w, b, 1e-5), h
+    return F.rms_norm(h, (h.shape[-1],), w, 1e-6), h
+
+
+def _inputs(shape, dtype, device, with_r, with_w, with_b, kind):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    r = torch.randn(shape, dtype=dtype, device=device) if with_r else None
+    w = torch.randn(shape[-1], dtype=dtype, device=device) if with_w else None
+    b = torch.randn(shape[-1], dtype=dtype, device=device) if with_b and kind == "layer" else None
+    return x, r, w, b
+
+
+def _f64(t):
+    return None if t is None else t.detach().double()
+
+
+def _check_forward(kind, backend, shape, dtype, affine, device):
+    x, r, w, b = _inputs(shape, dtype, device, *affine, kind)
+    with poison_allocations():
+        y, h = _call(kind, x, r, w, b, backend)
+    assert y.dtype == dtype and h.dtype == dtype and y.shape == x.shape and h.shape == x.shape
+    h_exact = x if r is None else (x.float() + r.float()).to(dtype)
+    # the interpreter casts float32 -> bfloat16 by truncation (the GPU rounds): one ulp apart at most
+    truncates = backend == "triton" and device == "cpu" and dtype == torch.bfloat16
+    torch.testing.assert_close(h, h_exact, rtol=2 ** -7 if truncates else 0, atol=0)
+    # the norm is applied to the rounded h, so the float64 oracle starts from it too
+    y_ref, _ = _torch_norm(kind, _f64(h_exact), None, _f64(w), _f64(b))
+    y_peer, _ = _torch_norm(kind, h_exact, None, w, b)
+    assert_close_2x(y, y_peer, y_ref)
+
+
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward(backend, kind, hidden, dtype, affine):
+    require_backend(backend, "add_rms_norm", torch.device("cpu"))
+    leading = LEADING[(hidden + len(affine)) % len(LEADING)] if hidden < 65536 else (2,)
+    _check_forward(kind, backend, (*leading, hidden), dtype, affine, "cpu")
+
+
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("hidden", [1, 7, 1000, 8192, 65536])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_float64(backend, kind, hidden, affine):
+    require_backend(backend, "add_rms_norm", torch.device("cpu"))
+    shape = (3, hidden) if hidden < 65536 else (2, hidden)
+    inputs = [t.requires_grad_() if t is not None else None for t in _inputs(shape, torch.float32, "cpu", *affine, kind)]
+    ref_inputs = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+    dy, dh = torch.randn(shape), torch.randn(shape)
+
+    y, h = _call(kind, *inputs, backend)
+    ((y * dy).sum() + (h * dh).sum()).backward()
+    y_ref, h_ref = _torch_norm(kind, *ref_inputs)
+    ((y_ref * dy.double()).sum() + (h_ref * dh.double()).sum()).backward()
+
+    for name, t, t_ref in zip(("x", "residual", "weight", "bias"), inputs, ref_inputs):
+        if t is not None:
+            tol = 1e-4 * max(1.0, t_ref.grad.abs().max().item())
+            torch.testing.assert_close(t.grad.double(), t_ref.grad, rtol=1e-4, atol=tol, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_gradients_2x_rule(backend, kind, dtype):
+    require_backend(backend, "add_rms_norm", torch.device("cpu"))
+    _check_low_precision_gradients(backend, kind, dtype, (4, 37, 1000), "cpu")
+
+
+def _check_low_precision_gradients(backend, kind, dtype, shape, device):
+    x, r, w, b = _inputs(shape, dtype, device, True, True, True, kind)
+    dy, dh = torch.randn_like(x), torch.randn_like(x)
+
+    def grads(fn, *ts):
+        ts = [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+        y, h = fn(*ts)
+        torch.autograd.backward([y, h], [dy.to(y.dtype), dh.to(h.dtype)])
+        return [None if t is None else t.grad for t in ts]
+
+    ours = grads(lambda *ts: _call(kind, *ts, backend), x, r, w, b)
+    peer = grads(lambda *ts: _torch_norm(kind, *ts), x, r, w, b)
+    oracle = grads(lambda *ts: _torch_norm(kind, *ts), *(_f64(t) for t in (x, r, w, b)))
+    for g, g_peer, g_ref in zip(ours, peer, oracle):
+        if g is not None:
+            assert_close_2x(g, g_peer, g_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input_and_zero_rows(backend):
+    require_backend(backend, "add_rms_norm", torch.device("cpu"))
+    base = torch.randn(6, 2, 64)
+    x, r = base[:, 0], torch.randn(6, 64)  # x has row stride 128
+    w = torch.randn(64)
+    y, h = add_rms_norm(x, r, w, backend=backend)
+    y_ref, h_ref = add_rms_norm(x.contiguous(), r, w, backend="reference")
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y0, h0 = add_layer_norm(torch.randn(0, 5), torch.randn(0, 5), backend=backend)
+    assert y0.shape == (0, 5) and h0.shape == (0, 5)
+
+
+def test_residual_none_returns_x_as_h():
+    x = torch.randn(2, 8)
+    _, h = add_rms_norm(x, None, None, backend="reference")
+    assert h is x
+
+
+# --- bad inputs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"residual": torch.randn(4, 9)}, ValueError, "residual: expected shape"),
+        ({"residual": torch.randn(4, 8, dtype=torch.float64)}, TypeError, "residual: expected dtype"),
+        ({"weight": torch.randn(9)}, ValueError, "weight: expected shape"),
+        ({"bias": torch.randn(4, 8)}, ValueError, "bias: expected shape"),
+        ({"weight": torch.randn(8, device="meta")}, ValueError, "weight: expected a tensor on cpu"),
+        ({"x": torch.ones(4, 8, dtype=torch.int32)}, TypeError, "x: expected dtype"),
+        ({"x": torch.randn(4, 0)}, ValueError, "x: expected a hidden size"),
+        ({"x": [1.0, 2.0]}, TypeError, "x: expected a torch.Tensor"),
+        ({"eps": -1.0}, ValueError, "eps"),
+        ({"eps": "1e-5"}, TypeError, "eps"),
+        ({"backend": "fastest"}, ValueError, "backend: expected"),
+        ({"backend": 3}, TypeError, "backend: expected a str"),
+    ],
+)
+def test_bad_inputs(kwargs, error, match):
+    args = {"x": torch.randn(4, 8), "residual": None, "weight": None, "bias": None, "eps": 1e-5}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        add_layer_norm(args["x"], args["residual"], args["weight"], args["bias"], args["eps"],
+                       backend=args.get("backend", "reference"))
+
+
+def test_unavailable_backend_raises(monkeypatch):
+    x = torch.randn(2, 8)
+    if torch.cuda.is_available():
+        pytest.skip("every backend may run on a GPU machine")
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        add_rms_norm(x, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        add_rms_norm(x, backend="triton")
+    assert "triton" not in llmfast.available_backends("add_rms_norm")
+
+
+# --- GPU: real sizes in bf16/fp16 ----------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (2, 1024, 8192), (512, 16384), (64, 65536), (1000, 1), (333, 4097)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_forward(backend, kind, dtype, shape):
+    require_backend(backend, "add_rms_norm", torch.device("cuda"))
+    for affine in AFFINE:
+        _check_forward(kind, backend, shape, dtype, affine, "cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (256, 65536), (1000, 7)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_gradients(backend, kind, dtype, shape):
+    require_backend(backend, "add_rms_norm", torch.device("cuda"))
+    _check_low_precision_gradients(backend, kind, dtype, shape, "cuda")
