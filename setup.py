@@ -1,10 +1,76 @@
+"""Builds llmfast with its compiled ops.
+
+- ``llmfast._C``: the C++ CPU ops in csrc/ops.cpp + csrc/cpu/*.cpp; always built.
+- ``llmfast._C_cuda``: the CUDA ops in csrc/cuda/*.cu; built only when torch has CUDA and nvcc is found.
+  ``LLMFAST_CUDA_ARCHS`` (e.g. ``90a`` or ``80;90a``) picks the GPU architectures to compile for.
+
+Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already installed
+(an isolated build would fetch another torch and build against it).
+"""
+import glob
+import os
+
+import torch
 from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "80;90a"  # A100 and H100 (90a: the Hopper-only instructions such as wgmma)
+
+# No -march=native: the wheel must run on other CPUs of the same kind, so -O3 auto-vectorisation of the
+# simple float loops targets the baseline ISA (SSE2 on x86-64). No -ffast-math: it would reorder the
+# reductions the norms depend on, and break the bit tricks in csrc/cpu/half_convert.h.
+# No -std flag: torch adds the standard its own headers need (C++20 since torch 2.10).
+CXX_FLAGS = ["-O3", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "-lineinfo"]  # no --use_fast_math: its approximate rsqrt/division cost accuracy
+
+
+def sources(pattern: str) -> list[str]:
+    """Files matching ``pattern`` under the repository root, as the relative paths setuptools wants."""
+    return sorted(glob.glob(pattern, root_dir=ROOT))
+
+
+def cuda_arch_flags() -> list[str]:
+    archs = os.environ.get("LLMFAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).replace(",", ";").split(";")
+    flags = []
+    for arch in filter(None, (a.strip().replace(".", "") for a in archs)):
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return flags
+
+
+def extensions() -> list:
+    exts = [
+        CppExtension(
+            "llmfast._C",
+            sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp"),
+            extra_compile_args=CXX_FLAGS,
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    cuda_sources = sources("csrc/cuda/*.cu")
+    if torch.version.cuda is None or CUDA_HOME is None or not cuda_sources:
+        print("llmfast: skipping llmfast._C_cuda (needs a CUDA build of torch, nvcc and csrc/cuda/*.cu)")
+        return exts
+    exts.append(
+        CUDAExtension(
+            "llmfast._C_cuda",
+            cuda_sources,
+            # An -gencode flag here stops torch from adding its own arch list (TORCH_CUDA_ARCH_LIST).
+            extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS + cuda_arch_flags()},
+        )
+    )
+    return exts
+
 
 setup(
     name="llmfast",
     version="0.1.0",
-    packages=find_packages(include=["llmfast", "llmfast.*"]) + ["llmfast_kernels"],
-    package_dir={"llmfast_kernels": "kernels"},
+    # kernels/ and benchmarks/ ship under names of ours: a top-level `kernels` would shadow a PyPI package
+    packages=find_packages(include=["llmfast", "llmfast.*"]) + ["llmfast_kernels", "llmfast_benchmarks"],
+    package_dir={"llmfast_kernels": "kernels", "llmfast_benchmarks": "benchmarks"},
     python_requires=">=3.10",
+    install_requires=["torch>=2.4", "triton", "numpy", "safetensors"],
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["llmfast=llmfast.cli:main"]},
 )

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import llmfast
-from benchmarks.common import (
+from .common import (
     COPY_TB_S,
     bench_ms,
     default_device,

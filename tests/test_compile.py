@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import llmfast
-from _wip_helpers import require_backend
+from helpers import require_backend
 
 
 class Block(torch.nn.Module):

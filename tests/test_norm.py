@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import llmfast
 from llmfast import BackendUnavailable
 from llmfast.ops import add_layer_norm, add_rms_norm
-from _wip_helpers import assert_close_2x, poison_allocations, require_backend
+from helpers import assert_close_2x, poison_allocations, require_backend
 
 BACKENDS = ["reference", "triton", "cpu", "cuda"]
 HIDDEN = [1, 7, 1000, 4097, 8192, 65536]

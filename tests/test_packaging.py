@@ -30,5 +30,5 @@ def test_built_packages_map_kernels_to_llmfast_kernels(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     top = sorted(p.name for p in tmp_path.iterdir())
-    assert top == ["llmfast", "llmfast_kernels"], top
+    assert top == ["llmfast", "llmfast_benchmarks", "llmfast_kernels"], top
     assert (tmp_path / "llmfast_kernels" / "norm.py").exists()

@@ -1,17 +1,21 @@
-"""Shared test helpers (to be merged into tests/helpers.py)."""
+"""Shared test helpers: backend skipping, the 2x-error rule, output poisoning, an independent attention."""
 import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import llmfast
 from llmfast.backends import resolve
 
+BACKENDS = ["reference", "triton", "cuda", "cpu"]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-def require_backend(backend, op, device):
+
+def require_backend(backend, op, device=DEVICE):
     """Skips (never passes) the test when ``backend`` cannot run ``op`` on ``device`` here."""
     try:
-        resolve(op, backend, device)
+        resolve(op, backend, torch.device(device))
     except llmfast.BackendUnavailable as exc:
         pytest.skip(str(exc))
 
@@ -47,3 +51,25 @@ def poison_allocations():
         yield
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+def attention_ref(q, k, v, *, causal=False, softmax_scale=None, upcast=True):
+    """Dense attention, ``q (B, Sq, Hq, D)``, ``k, v (B, Sk, Hkv, D)``, written apart from llmfast's.
+
+    ``upcast=True``: the oracle, float64 through PyTorch's SDPA with an explicit bottom-right causal mask
+    (rows that see no key give 0). ``upcast=False``: the 2x-rule peer, naive math in the inputs' dtype.
+    """
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.ones_like(visible).tril(diagonal=seqlen_k - seqlen_q)
+    if upcast:
+        q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=softmax_scale, enable_gqa=True)
+        return o.transpose(1, 2)
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q * scale, k).masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(dim=-1)[:, None], 0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)

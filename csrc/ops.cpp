@@ -1,0 +1,15 @@
+// Schemas of the llmfast C++ CPU ops; the kernels live in cpu/*.cpp (one file per op family).
+// The CUDA ops (cuda/*.cu, built as llmfast._C_cuda) add their schemas with TORCH_LIBRARY_FRAGMENT.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(llmfast, m) {
+  // x: (M, N) float32/float16/bfloat16; residual: like x or None; weight, bias: (N,) float32 or None.
+  // Returns (y, h): y like x; h = x + residual rounded to x.dtype, or an empty (0,) tensor without
+  // residual.
+  m.def("add_norm_cpu(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool is_rms)"
+        " -> (Tensor, Tensor)");
+}
+
+// Empty: importing llmfast._C only has to load this library so the registrations above run.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

@@ -1,0 +1,169 @@
+"""Softmax attention in flash-attn's layout: dense batches and variable-length (varlen) packed batches."""
+from __future__ import annotations
+
+import torch
+
+from llmfast.backends import register, select
+from llmfast.ops._checks import (
+    FLOAT_DTYPES,
+    check_cu_seqlens,
+    check_heads,
+    check_max_seqlen,
+    check_positive_float,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+)
+
+MAX_HEAD_DIM = 256
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of ``q`` over ``k, v``, as flash-attn's ``flash_attn_func`` / ``flash_attn_varlen_func``.
+
+    Dense: ``q (batch, seqlen_q, heads, head_dim)``, ``k, v (batch, seqlen_k, kv_heads, head_dim)``
+    -> ``o (batch, seqlen_q, heads, head_dim)``.
+    Varlen (``cu_seqlens_q`` and ``cu_seqlens_k`` given): ``q (total_q, heads, head_dim)``,
+    ``k, v (total_k, kv_heads, head_dim)``, ``cu_seqlens_*`` int32 ``(batch+1,)`` offsets of each
+    sequence's tokens -> ``o (total_q, heads, head_dim)``. ``max_seqlen_*`` are the longest lengths
+    (computed when None; when given, at least the longest).
+
+    ``q, k, v`` share one dtype (float16, bfloat16 or float32) and ``head_dim <= 256``. ``heads`` is a
+    multiple of ``kv_heads`` (GQA/MQA): query head ``h`` reads kv head ``h // (heads // kv_heads)``.
+    ``causal``: query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q`` (aligned bottom-right, as
+    flash-attn >= 2.1); a query row that sees no key outputs 0. ``softmax_scale`` defaults to
+    ``head_dim ** -0.5``. Differentiable with respect to ``q, k, v``.
+    """
+    softmax_scale, max_seqlen_q, max_seqlen_k = _check_attention_inputs(
+        q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
+    impl = select("attention", backend, q.device)
+    return impl(
+        q,
+        k,
+        v,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+    )
+
+
+def _check_attention_inputs(
+    q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+) -> tuple[float, int | None, int | None]:
+    """Validates everything; returns (softmax_scale, max_seqlen_q, max_seqlen_k) with defaults filled in."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        given, missing = ("cu_seqlens_q", "cu_seqlens_k") if cu_seqlens_k is None else ("cu_seqlens_k", "cu_seqlens_q")
+        raise ValueError(f"{missing}: expected a tensor since {given} is given (varlen attention needs both)")
+    varlen = cu_seqlens_q is not None
+    if not varlen:
+        for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if value is not None:
+                raise ValueError(f"{name}: only used by varlen attention (with cu_seqlens_q/cu_seqlens_k), got {value}")
+
+    check_tensor("q", q, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, device=q.device)
+    check_tensor("v", v, device=q.device)
+    if varlen:
+        q_layout, kv_layout = "(total_q, heads, head_dim)", "(total_k, kv_heads, head_dim)"
+    else:
+        q_layout, kv_layout = "(batch, seqlen_q, heads, head_dim)", "(batch, seqlen_k, kv_heads, head_dim)"
+    rank = 3 if varlen else 4
+    if q.dim() != rank:
+        hint = "" if varlen else " (or 3 dims with cu_seqlens_q/cu_seqlens_k for varlen)"
+        raise ValueError(f"q: expected {rank} dims {q_layout}{hint}, got shape {tuple(q.shape)}")
+    head_dim = q.shape[-1]
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: expected head_dim in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    batch = () if varlen else (q.shape[0],)
+    check_shape("k", k, (*batch, None, None, head_dim), f"{kv_layout} matching q")
+    check_shape("v", v, tuple(k.shape), f"{kv_layout}, the shape of k")
+    check_same_dtype("k", k, "q", q)
+    check_same_dtype("v", v, "q", q)
+    check_heads("q", q.shape[-2], "k", k.shape[-2])
+
+    if varlen:
+        lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        if len(lengths_k) != len(lengths_q):
+            raise ValueError(
+                f"cu_seqlens_k: expected shape ({len(lengths_q) + 1},), as cu_seqlens_q, "
+                f"got {tuple(cu_seqlens_k.shape)}"
+            )
+        max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q, max(lengths_q, default=0))
+        max_seqlen_k = check_max_seqlen("max_seqlen_k", max_seqlen_k, max(lengths_k, default=0))
+
+    if softmax_scale is None:
+        softmax_scale = head_dim**-0.5
+    return check_positive_float("softmax_scale", softmax_scale), max_seqlen_q, max_seqlen_k
+
+
+@register("attention", "reference")
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+) -> torch.Tensor:
+    """The oracle: plain PyTorch in float32, one sequence at a time for varlen.
+
+    Its signature is the contract for every attention backend: inputs arrive validated, with
+    ``softmax_scale`` resolved to a float and, for varlen, ``max_seqlen_*`` to ints.
+    """
+    if cu_seqlens_q is None:
+        return dense_attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for start_q, end_q, start_k, end_k in zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:]):
+        o = dense_attention_reference(
+            q[None, start_q:end_q], k[None, start_k:end_k], v[None, start_k:end_k],
+            causal=causal, softmax_scale=softmax_scale,
+        )  # (1, seqlen_q, heads, head_dim)
+        outs.append(o[0])
+    return torch.cat(outs) if outs else torch.zeros_like(q)
+
+
+def dense_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, softmax_scale: float
+) -> torch.Tensor:
+    """``q (batch, seqlen_q, heads, head_dim)``, ``k, v (batch, seqlen_k, kv_heads, head_dim)`` -> like ``q``."""
+    seqlen_q, heads = q.shape[1], q.shape[2]
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    # query head h reads kv head h // (heads // kv_heads), as flash-attn
+    k = k.float().repeat_interleave(heads // kv_heads, dim=2)  # (batch, seqlen_k, heads, head_dim)
+    v = v.float().repeat_interleave(heads // kv_heads, dim=2)  # (batch, seqlen_k, heads, head_dim)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * softmax_scale  # (batch, heads, seqlen_q, seqlen_k)
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if causal:
+        row = torch.arange(seqlen_q, device=q.device)[:, None]
+        col = torch.arange(seqlen_k, device=q.device)[None, :]
+        visible = col <= row + (seqlen_k - seqlen_q)  # bottom-right alignment
+    # A finite fill keeps a row that sees no key free of NaN (in values and gradients); multiplying by
+    # `visible` then gives it zero weights, so it outputs 0 as in flash-attn.
+    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1) * visible
+    o = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # (batch, seqlen_q, heads, head_dim)
+    return o.to(q.dtype)

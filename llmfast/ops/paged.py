@@ -1,0 +1,217 @@
+"""Paged KV cache (vLLM layout): write new tokens' keys/values into blocks, and attend over them."""
+from __future__ import annotations
+
+import torch
+
+from llmfast.backends import register, select
+from llmfast.ops._checks import (
+    FLOAT_DTYPES,
+    check_cu_seqlens,
+    check_heads,
+    check_max_seqlen,
+    check_positive_float,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+)
+from llmfast.ops.attention import MAX_HEAD_DIM, dense_attention_reference
+
+CACHE_LAYOUT = "(num_blocks, block_size, kv_heads, head_dim)"
+
+
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Stores token ``t``'s key and value at cache slot ``slot_mapping[t]``, in place.
+
+    ``k, v (tokens, kv_heads, head_dim)`` float16/bfloat16/float32; ``k_cache, v_cache
+    (num_blocks, block_size, kv_heads, head_dim)`` in the same dtype; ``slot_mapping`` int64 ``(tokens,)``
+    with slot = block * block_size + offset, or -1 to skip the token (e.g. padding).
+    """
+    _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping)
+    impl = select("write_kv_cache", backend, k.device)
+    impl(k, v, k_cache, v_cache, slot_mapping)
+
+
+def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
+    check_tensor("k", k, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, device=k.device)
+    check_shape("v", v, tuple(k.shape), "(tokens, kv_heads, head_dim), the shape of k")
+    check_same_dtype("v", v, "k", k)
+    tokens, kv_heads, head_dim = k.shape
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, cache, device=k.device)
+        check_shape(name, cache, (None, None, kv_heads, head_dim), f"{CACHE_LAYOUT} matching k")
+        check_same_dtype(name, cache, "k", k)
+    check_shape("v_cache", v_cache, tuple(k_cache.shape), f"{CACHE_LAYOUT}, the shape of k_cache")
+    check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), device=k.device)
+    check_shape("slot_mapping", slot_mapping, (tokens,), "(tokens,), one slot per row of k")
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if tokens > 0:
+        lo, hi = torch.stack([slot_mapping.min(), slot_mapping.max()]).tolist()
+        if lo < -1 or hi >= num_slots:
+            raise ValueError(
+                f"slot_mapping: expected slots in [0, {num_slots}) (num_blocks * block_size) or -1, "
+                f"got values from {lo} to {hi}"
+            )
+
+
+@register("write_kv_cache", "reference")
+def write_kv_cache_reference(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """The oracle (and the signature every write_kv_cache backend registers with)."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    # index by (block, offset) rather than a flattened view, so non-contiguous caches are written in place
+    k_cache[blocks, offsets] = k[keep]
+    v_cache[blocks, offsets] = v[keep]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of each sequence's newest query tokens over its whole context in the paged KV cache.
+
+    ``k_cache, v_cache (num_blocks, block_size, kv_heads, head_dim)``; ``block_tables`` int32
+    ``(num_seqs, max_blocks)``: token ``t`` of sequence ``i`` lives at offset ``t % block_size`` of block
+    ``block_tables[i, t // block_size]``; ``context_lens`` int32 ``(num_seqs,)`` counts its cached tokens,
+    the new ones included (already written with ``write_kv_cache``). Entries of a row past the blocks
+    its context uses are never read.
+
+    Decode (``cu_seqlens_q`` None): ``q (num_seqs, heads, head_dim)``, one query per sequence, its last
+    token (a sequence with context length 0 outputs 0). Chunked prefill: ``q (total_q, heads, head_dim)``
+    with ``cu_seqlens_q`` int32 ``(num_seqs+1,)``; sequence ``i``'s queries are the last tokens of its
+    context and attend causally (aligned bottom-right). Returns ``o`` shaped like ``q``, in ``q.dtype``.
+    GQA as in ``attention``; ``softmax_scale`` defaults to ``head_dim ** -0.5``.
+    """
+    softmax_scale, max_seqlen_q = _check_paged_attention_inputs(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale
+    )
+    impl = select("paged_attention", backend, q.device)
+    return impl(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=max_seqlen_q,
+        softmax_scale=softmax_scale,
+    )
+
+
+def _check_paged_attention_inputs(
+    q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale
+) -> tuple[float, int | None]:
+    """Validates everything; returns (softmax_scale, max_seqlen_q) with defaults filled in."""
+    decode = cu_seqlens_q is None
+    q_layout = "(num_seqs, heads, head_dim)" if decode else "(total_q, heads, head_dim)"
+    check_tensor("q", q, dtypes=FLOAT_DTYPES)
+    if q.dim() != 3:
+        raise ValueError(f"q: expected 3 dims {q_layout}, got shape {tuple(q.shape)}")
+    head_dim = q.shape[-1]
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: expected head_dim in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, cache, device=q.device)
+        check_shape(name, cache, (None, None, None, head_dim), f"{CACHE_LAYOUT} matching q's head_dim")
+        check_same_dtype(name, cache, "q", q)
+    check_shape("v_cache", v_cache, tuple(k_cache.shape), f"{CACHE_LAYOUT}, the shape of k_cache")
+    check_heads("q", q.shape[1], "k_cache", k_cache.shape[2])
+    num_blocks, block_size = k_cache.shape[:2]
+
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=q.device)
+    num_seqs, max_blocks = block_tables.shape
+    check_tensor("context_lens", context_lens, dtypes=(torch.int32,), device=q.device)
+    check_shape("context_lens", context_lens, (num_seqs,), "(num_seqs,), one per row of block_tables")
+    context = context_lens.tolist()
+    capacity = max_blocks * block_size  # the most tokens one row of block_tables can address
+    for i, n in enumerate(context):
+        if not 0 <= n <= capacity:
+            raise ValueError(
+                f"context_lens: expected lengths in [0, {capacity}] (max_blocks * block_size), "
+                f"got {n} for sequence {i}"
+            )
+
+    if decode:
+        if max_seqlen_q is not None:
+            raise ValueError(f"max_seqlen_q: only used with cu_seqlens_q (chunked prefill), got {max_seqlen_q}")
+        check_shape("q", q, (num_seqs, None, None), f"{q_layout}, one query per row of block_tables")
+    else:
+        lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        if len(lengths_q) != num_seqs:
+            raise ValueError(
+                f"cu_seqlens_q: expected shape ({num_seqs + 1},) (num_seqs+1,), got {tuple(cu_seqlens_q.shape)}"
+            )
+        for i, (n_q, n) in enumerate(zip(lengths_q, context)):
+            if n_q > n:
+                raise ValueError(
+                    f"cu_seqlens_q: sequence {i} has {n_q} query tokens but context_lens[{i}] = {n}; "
+                    "queries are the last tokens of their context"
+                )
+        max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q, max(lengths_q, default=0))
+
+    # Only the blocks a context uses must be valid; the rest of a row is padding and never read.
+    blocks_used = (context_lens.long() + block_size - 1) // block_size  # (num_seqs,)
+    used = torch.arange(max_blocks, device=q.device)[None, :] < blocks_used[:, None]  # (num_seqs, max_blocks)
+    block_ids = block_tables[used]
+    if block_ids.numel() > 0:
+        lo, hi = torch.stack([block_ids.min(), block_ids.max()]).tolist()
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(
+                f"block_tables: expected block ids in [0, {num_blocks}) (num_blocks) in the blocks the "
+                f"contexts use, got ids from {lo} to {hi}"
+            )
+
+    if softmax_scale is None:
+        softmax_scale = head_dim**-0.5
+    return check_positive_float("softmax_scale", softmax_scale), max_seqlen_q
+
+
+@register("paged_attention", "reference")
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None,
+    max_seqlen_q: int | None,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """The oracle: gather each sequence's context into contiguous K/V, then dense causal attention.
+
+    Its signature is the contract for every paged_attention backend: inputs arrive validated, with
+    ``softmax_scale`` resolved to a float and, for chunked prefill, ``max_seqlen_q`` to an int.
+    """
+    num_seqs, block_size = block_tables.shape[0], k_cache.shape[1]
+    offsets_q = list(range(num_seqs + 1)) if cu_seqlens_q is None else cu_seqlens_q.tolist()
+    outs = []
+    for i, context in enumerate(context_lens.tolist()):
+        blocks = block_tables[i, : -(-context // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:context]  # (context, kv_heads, head_dim)
+        v = v_cache[blocks].flatten(0, 1)[:context]  # (context, kv_heads, head_dim)
+        o = dense_attention_reference(
+            q[None, offsets_q[i] : offsets_q[i + 1]], k[None], v[None], causal=True, softmax_scale=softmax_scale
+        )  # (1, queries, heads, head_dim)
+        outs.append(o[0])
+    return torch.cat(outs) if outs else torch.zeros_like(q)

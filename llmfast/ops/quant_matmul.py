@@ -1,0 +1,49 @@
+"""Matrix multiply with a weight-only quantized weight (int8 or int4, see llmfast.quant)."""
+from __future__ import annotations
+
+import torch
+
+from llmfast.backends import register, select
+from llmfast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor
+from llmfast.quant.weight import QuantizedWeight
+
+
+def quant_matmul(
+    x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``y = x @ w.dequantize().T (+ bias)``, as ``torch.nn.functional.linear``.
+
+    ``x (..., K)`` float16/bfloat16/float32 in ``w.dtype``; ``w`` a ``QuantizedWeight`` of shape ``(N, K)``;
+    ``bias (N,)`` in ``x.dtype`` or None -> ``y (..., N)`` in ``x.dtype``.
+    """
+    _check_quant_matmul_inputs(x, w, bias)
+    impl = select("quant_matmul", backend, x.device)
+    n, k = w.shape
+    y = impl(x.reshape(-1, k), w, bias)  # (M, N): backends see a 2-D x
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _check_quant_matmul_inputs(x, w, bias) -> None:
+    if not isinstance(w, QuantizedWeight):
+        raise TypeError(f"w: expected a llmfast.quant.QuantizedWeight (from quantize), got {type(w).__name__}")
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, device=w.qweight.device)
+    n, k = w.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x: expected shape (..., {k}), K matching w of shape {w.shape}, got {tuple(x.shape)}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"x: expected dtype {w.dtype} (the dtype of w), got {x.dtype}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(x.dtype,), device=x.device)
+        check_shape("bias", bias, (n,), "(N,), the out-features of w")
+
+
+@register("quant_matmul", "reference")
+def quant_matmul_reference(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """The oracle: ``x (M, K)`` -> ``(M, N)``, float32 math over the dequantized weight.
+
+    Its signature is the contract for every quant_matmul backend: ``x`` arrives validated and 2-D.
+    """
+    y = x.float() @ w.dequantize().float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,51 @@
+"""Round-to-nearest weight-only quantization to int8 or int4 (formats in llmfast.quant.weight)."""
+from __future__ import annotations
+
+import torch
+
+from llmfast.ops._checks import FLOAT_DTYPES, check_tensor
+from llmfast.quant.weight import GROUP_SIZES, QuantizedWeight, pack_int4
+
+BITS = (4, 8)
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int = 128) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``weight (N, K)`` (float16/bfloat16/float32) to ``bits`` 8 or 4.
+
+    ``group_size`` in (32, 64, 128) columns of K per scale, or -1 for one scale per output channel.
+    K must be a multiple of ``group_size`` (and of 8 for 4 bits); ``group_size == K`` is the same
+    quantization as -1 and reads back as -1. See ``QuantizedWeight`` for the formats.
+    """
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"bits: expected one of {BITS}, got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {GROUP_SIZES}, got {group_size!r}")
+    n, k = weight.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"weight: expected a non-empty (N, K) matrix, got shape {tuple(weight.shape)}")
+    if group_size != -1 and k % group_size != 0:
+        raise ValueError(f"group_size: K = weight.shape[1] = {k} is not a multiple of group_size={group_size}")
+    if bits == 4 and k % 8 != 0:
+        raise ValueError(f"weight: 4-bit packing needs K = weight.shape[1] a multiple of 8, got {k}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight: expected finite values, got NaN or inf")
+
+    groups = 1 if group_size == -1 else k // group_size
+    w = weight.detach().float().reshape(n, groups, k // groups)  # (N, groups, group_size)
+    if bits == 8:
+        scales = (w.abs().amax(dim=-1) / 127).to(weight.dtype)  # (N, groups)
+        # divide by the stored (rounded) scale so that dequantize is exactly round-to-nearest
+        codes = torch.round(w / _nonzero(scales)).clamp(-127, 127)
+        return QuantizedWeight(codes.to(torch.int8).view(n, k), scales)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, groups)
+    scales = ((hi - lo) / 15).to(weight.dtype)
+    zeros = (lo + 8 * scales.float()).to(weight.dtype)
+    codes = (torch.round((w - zeros.float()[..., None]) / _nonzero(scales)) + 8).clamp(0, 15)
+    return QuantizedWeight(pack_int4(codes.view(n, k)), scales, zeros)
+
+
+def _nonzero(scales: torch.Tensor) -> torch.Tensor:
+    """``scales (N, groups)`` as float32 ``(N, groups, 1)``, with 1 where a scale is 0 (a constant group)."""
+    scales = scales.float()[..., None]
+    return torch.where(scales == 0, torch.ones_like(scales), scales)

@@ -1,0 +1,251 @@
+"""write_kv_cache and paged_attention: every backend against explicit loops and per-sequence float64 SDPA."""
+import math
+import random
+
+import pytest
+import torch
+
+from llmfast.ops.paged import paged_attention, write_kv_cache
+from helpers import BACKENDS, DEVICE, assert_close_2x, attention_ref, require_backend
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+BLOCK_SIZES = [1, 8, 16, 32]
+# (head_dim, (heads, kv_heads)): GQA ratios 1, 2, 4, 8
+SHAPES = [(32, (4, 4)), (64, (4, 2)), (128, (8, 2)), (256, (8, 1))]
+SLACK_ULPS = {torch.float16: 1.0, torch.bfloat16: 1.0, torch.float32: 16.0}
+
+
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+
+def _context_lens(block_size):
+    """Lengths around the block edges, and one long context spanning many blocks."""
+    return [1, max(block_size - 1, 1), block_size, block_size + 1, 133]
+
+
+def _paged_cache(contexts, block_size, kv_heads, head_dim, dtype):
+    """Per-sequence keys/values stored in shuffled blocks of NaN-poisoned caches.
+
+    Returns ``(k_seqs, v_seqs, k_cache, v_cache, block_tables)``. Slots past each context, spare blocks and
+    the padding entries of ``block_tables`` (which point at a spare block) all hold NaN, so any read of
+    them shows up in the output.
+    """
+    blocks_per_seq = [math.ceil(n / block_size) for n in contexts]
+    num_blocks = sum(blocks_per_seq) + 2
+    block_ids = torch.randperm(num_blocks).tolist()
+    spare = block_ids.pop()
+    max_blocks = max(blocks_per_seq) + 1
+    block_tables = torch.full((len(contexts), max_blocks), spare, dtype=torch.int32)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    k_seqs, v_seqs = [], []
+    for i, n in enumerate(contexts):
+        k_seqs.append(_randn(n, kv_heads, head_dim, dtype=dtype))
+        v_seqs.append(_randn(n, kv_heads, head_dim, dtype=dtype))
+        for j in range(blocks_per_seq[i]):
+            block = block_ids.pop()
+            block_tables[i, j] = block
+            tokens = slice(j * block_size, min((j + 1) * block_size, n))
+            used = tokens.stop - tokens.start
+            k_cache[block, :used] = k_seqs[i][tokens]
+            v_cache[block, :used] = v_seqs[i][tokens]
+    return k_seqs, v_seqs, k_cache, v_cache, block_tables.to(DEVICE)
+
+
+def _paged_ref(q_seqs, k_seqs, v_seqs, *, upcast):
+    """Each sequence's queries attend causally (bottom-right) over its whole contiguous context."""
+    outs = [
+        attention_ref(q[None], k[None], v[None], causal=True, upcast=upcast)[0]
+        for q, k, v in zip(q_seqs, k_seqs, v_seqs)
+    ]
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked_prefill"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_attention(backend, dtype, chunked, block_size, shape):
+    require_backend(backend, "paged_attention")
+    head_dim, (nheads, nheads_kv) = shape
+    contexts = _context_lens(block_size)
+    k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, block_size, nheads_kv, head_dim, dtype)
+    if chunked:
+        rng = random.Random(block_size * head_dim)
+        # a whole-prompt prefill, a single new token, and chunks in between
+        query_lens = [contexts[0], 1] + [rng.randint(1, n) for n in contexts[2:]]
+    else:
+        query_lens = [1] * len(contexts)
+    q_seqs = [_randn(n, nheads, head_dim, dtype=dtype) for n in query_lens]
+    q = torch.cat(q_seqs)
+    cu_seqlens_q = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0).to(torch.int32) if chunked else None
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+
+    out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q, backend=backend)
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
+    peer = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False)
+    assert_close_2x(out, peer, ref, slack_ulps=SLACK_ULPS[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_attention_softmax_scale_and_empty_context(backend):
+    require_backend(backend, "paged_attention")
+    contexts = [0, 9, 40]
+    k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, 8, 2, 64, torch.float32)
+    q = _randn(3, 4, 64)
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=0.5, backend=backend)
+    # a decode query with no cached token sees no key and outputs 0, as a causal row with no key
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    for i in (1, 2):
+        ref = attention_ref(q[None, i : i + 1], k_seqs[i][None], v_seqs[i][None], softmax_scale=0.5)[0]
+        peer = attention_ref(q[None, i : i + 1], k_seqs[i][None], v_seqs[i][None], softmax_scale=0.5, upcast=False)[0]
+        assert_close_2x(out[i : i + 1], peer, ref, slack_ulps=16.0)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_kv_cache(backend, dtype, block_size, kv_heads):
+    require_backend(backend, "write_kv_cache")
+    num_blocks, tokens, head_dim = 64 // block_size + 3, 37, 64
+    k, v = _randn(tokens, kv_heads, head_dim, dtype=dtype), _randn(tokens, kv_heads, head_dim, dtype=dtype)
+    slots = torch.randperm(num_blocks * block_size)[:tokens]
+    slots[::5] = -1  # padding tokens: skipped
+    slot_mapping = slots.to(DEVICE)
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    for t, slot in enumerate(slots.tolist()):
+        if slot != -1:
+            k_expected[slot // block_size, slot % block_size] = k[t]
+            v_expected[slot // block_size, slot % block_size] = v[t]
+
+    assert write_kv_cache(k, v, k_cache, v_cache, slot_mapping, backend=backend) is None
+    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_then_attend(backend):
+    """The engine's path: write the new tokens with write_kv_cache, then decode over the cache."""
+    require_backend(backend, "write_kv_cache")
+    require_backend(backend, "paged_attention")
+    block_size, contexts = 16, [5, 40]
+    k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache([4, 39], block_size, 2, 64, torch.float32)
+    new_k, new_v = _randn(2, 2, 64), _randn(2, 2, 64)
+    slots = [int(block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+             for i, n in enumerate(contexts)]
+    write_kv_cache(new_k, new_v, k_cache, v_cache, torch.tensor(slots, device=DEVICE), backend=backend)
+    q = _randn(2, 4, 64)
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, backend=backend)
+    k_seqs = [torch.cat([k_seqs[i], new_k[i : i + 1]]) for i in range(2)]
+    v_seqs = [torch.cat([v_seqs[i], new_v[i : i + 1]]) for i in range(2)]
+    q_seqs = [q[i : i + 1] for i in range(2)]
+    ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
+    assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), ref, slack_ulps=16.0)
+
+
+def _write_args(**changes):
+    args = dict(
+        k=_randn(5, 2, 32), v=_randn(5, 2, 32), k_cache=_randn(4, 8, 2, 32), v_cache=_randn(4, 8, 2, 32),
+        slot_mapping=torch.tensor([0, 3, -1, 31, 8]),
+    )
+    return {**args, **changes}
+
+
+BAD_WRITES = [
+    (lambda: _write_args(k=_randn(5, 64)), ValueError, "k: expected 3 dims"),
+    (lambda: _write_args(k=_randn(5, 2, 32).long()), TypeError, "k: expected dtype"),
+    (lambda: _write_args(v=_randn(5, 2, 16)), ValueError, "v: expected shape"),
+    (lambda: _write_args(v=_randn(5, 2, 32, dtype=torch.float16)), TypeError, "v: expected dtype"),
+    (lambda: _write_args(k_cache=_randn(4, 8, 2, 16)), ValueError, "k_cache: expected shape"),
+    (lambda: _write_args(k_cache=_randn(4, 8, 32)), ValueError, "k_cache: expected shape"),
+    (lambda: _write_args(v_cache=_randn(4, 8, 2, 32, dtype=torch.bfloat16)), TypeError, "v_cache: expected dtype"),
+    (lambda: _write_args(v_cache=_randn(5, 8, 2, 32)), ValueError, "v_cache: expected shape"),
+    (lambda: _write_args(k_cache=_randn(4, 8, 2, 32).to("meta")), ValueError, "k_cache: expected a tensor on"),
+    (lambda: _write_args(slot_mapping=torch.tensor([0, 3, -1, 31, 8], dtype=torch.int32)), TypeError,
+     "slot_mapping: expected dtype"),
+    (lambda: _write_args(slot_mapping=torch.tensor([0, 3, 31, 8])), ValueError, "slot_mapping: expected shape"),
+    (lambda: _write_args(slot_mapping=torch.tensor([0, 3, -1, 32, 8])), ValueError, "slot_mapping: expected slots"),
+    (lambda: _write_args(slot_mapping=torch.tensor([0, 3, -2, 31, 8])), ValueError, "slot_mapping: expected slots"),
+]
+
+
+@pytest.mark.parametrize("make_args, error, match", BAD_WRITES)
+def test_write_kv_cache_bad_inputs(make_args, error, match):
+    args = make_args()
+    with pytest.raises(error, match=match):
+        write_kv_cache(**args, backend="reference")
+
+
+def _paged_args(**changes):
+    """Two sequences of 20 and 9 tokens in a cache of 6 blocks of 8; row 1's padding entry is -1."""
+    args = dict(
+        q=_randn(2, 4, 32), k_cache=_randn(6, 8, 2, 32), v_cache=_randn(6, 8, 2, 32),
+        block_tables=torch.tensor([[0, 3, 5], [2, 1, -1]], dtype=torch.int32),
+        context_lens=torch.tensor([20, 9], dtype=torch.int32),
+    )
+    return {**args, **changes}
+
+
+def _chunked_args(**changes):
+    args = dict(q=_randn(7, 4, 32), cu_seqlens_q=torch.tensor([0, 4, 7], dtype=torch.int32))
+    return _paged_args(**{**args, **changes})
+
+
+BAD_PAGED = [
+    (lambda: _paged_args(q=_randn(2, 1, 4, 32)), ValueError, "q: expected 3 dims"),
+    (lambda: _paged_args(q=_randn(3, 4, 32)), ValueError, "q: expected shape"),
+    (lambda: _paged_args(q=_randn(2, 4, 32, dtype=torch.float16)), TypeError, "k_cache: expected dtype"),
+    (lambda: _paged_args(q=_randn(2, 3, 32)), ValueError, "q: .*divisible"),
+    (lambda: _paged_args(k_cache=_randn(6, 8, 2, 64)), ValueError, "k_cache: expected shape"),
+    (lambda: _paged_args(v_cache=_randn(6, 4, 2, 32)), ValueError, "v_cache: expected shape"),
+    (lambda: _paged_args(block_tables=torch.tensor([[0, 3, 5], [2, 1, 4]])), TypeError, "block_tables: expected dtype"),
+    (lambda: _paged_args(block_tables=torch.tensor([0, 3, 5], dtype=torch.int32)), ValueError,
+     "block_tables: expected 2 dims"),
+    (lambda: _paged_args(block_tables=torch.tensor([[0, 3, 6], [2, 1, 4]], dtype=torch.int32)), ValueError,
+     "block_tables: expected block ids"),
+    (lambda: _paged_args(block_tables=torch.tensor([[0, -1, 5], [2, 1, 4]], dtype=torch.int32)), ValueError,
+     "block_tables: expected block ids"),
+    (lambda: _paged_args(context_lens=torch.tensor([20, 9])), TypeError, "context_lens: expected dtype"),
+    (lambda: _paged_args(context_lens=torch.tensor([20, 9, 1], dtype=torch.int32)), ValueError,
+     "context_lens: expected shape"),
+    (lambda: _paged_args(context_lens=torch.tensor([25, 9], dtype=torch.int32)), ValueError,
+     "context_lens: expected lengths in \\[0, 24\\]"),
+    (lambda: _paged_args(context_lens=torch.tensor([20, -1], dtype=torch.int32)), ValueError,
+     "context_lens: expected lengths"),
+    (lambda: _paged_args(softmax_scale=-0.1), ValueError, "softmax_scale"),
+    (lambda: _paged_args(max_seqlen_q=1), ValueError, "max_seqlen_q"),
+    (lambda: _chunked_args(cu_seqlens_q=torch.tensor([0, 4, 7])), TypeError, "cu_seqlens_q: expected dtype"),
+    (lambda: _chunked_args(cu_seqlens_q=torch.tensor([0, 7], dtype=torch.int32)), ValueError,
+     "cu_seqlens_q: expected shape"),
+    (lambda: _chunked_args(cu_seqlens_q=torch.tensor([0, 4, 6], dtype=torch.int32)), ValueError,
+     "cu_seqlens_q: .*do not cover"),
+    (lambda: _chunked_args(cu_seqlens_q=torch.tensor([0, 5, 4], dtype=torch.int32)), ValueError,
+     "cu_seqlens_q: .*non-decreasing"),
+    (lambda: _chunked_args(q=_randn(12, 4, 32), cu_seqlens_q=torch.tensor([0, 2, 12], dtype=torch.int32)),
+     ValueError, "cu_seqlens_q: sequence 1 has 10 query tokens but context_lens\\[1\\] = 9"),
+    (lambda: _chunked_args(max_seqlen_q=3), ValueError, "max_seqlen_q: expected at least"),
+]
+
+
+@pytest.mark.parametrize("make_args, error, match", BAD_PAGED)
+def test_paged_attention_bad_inputs(make_args, error, match):
+    args = make_args()
+    with pytest.raises(error, match=match):
+        paged_attention(**args, backend="reference")
+
+
+def test_paged_attention_ignores_unused_block_table_entries():
+    """Entries past a context's blocks are padding (here -1) and are neither validated nor read."""
+    out = paged_attention(**_paged_args(), backend="reference")
+    assert out.shape == (2, 4, 32) and not out.isnan().any()
+    out = paged_attention(**_chunked_args(max_seqlen_q=4), backend="reference")
+    assert out.shape == (7, 4, 32) and not out.isnan().any()
