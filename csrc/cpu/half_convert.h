@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -80,5 +84,43 @@ inline c10::Half from_float<c10::Half>(float v) {
   const uint32_t half = (sign >> 16) | (0x7E00u & is_nan) | (nonsign & ~is_nan);
   return c10::Half(static_cast<uint16_t>(half), c10::Half::from_bits());
 }
+
+// Whole float16 rows through the F16C conversion instructions, 8 values per instruction. The emulated
+// conversions above vectorise only to SSE2 width (the build has no -march flag), which left float16
+// rows 4-5x slower than float32 ones; x86-64 CPUs of the last decade have F16C, checked at run time.
+#if defined(__x86_64__)
+inline bool cpu_has_f16c() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return has;
+}
+
+__attribute__((target("avx,f16c"))) inline void half_to_float_row(const c10::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  }
+  for (; j < n; ++j) {
+    dst[j] = to_float(src[j]);
+  }
+}
+
+// Round to nearest even, as from_float<c10::Half>.
+__attribute__((target("avx,f16c"))) inline void float_to_half_row(const float* src, c10::Half* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m128i packed = _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), packed);
+  }
+  for (; j < n; ++j) {
+    dst[j] = from_float<c10::Half>(src[j]);
+  }
+}
+#else
+inline bool cpu_has_f16c() {
+  return false;
+}
+inline void half_to_float_row(const c10::Half*, float*, int64_t) {}
+inline void float_to_half_row(const float*, c10::Half*, int64_t) {}
+#endif
 
 }  // namespace llmfast

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Dispatch_v2.h>
@@ -89,6 +90,21 @@ void store_row(scalar_t* y, const float* h_row, const float* weight, const float
   }
 }
 
+// load_row for float16 through whole-row F16C conversions; scratch: (n,)
+void load_row_f16c(float* h_row, float* scratch, const c10::Half* x, const c10::Half* residual, c10::Half* h_out,
+                   int64_t n) {
+  half_to_float_row(x, h_row, n);
+  if (residual == nullptr) {
+    return;
+  }
+  half_to_float_row(residual, scratch, n);
+  for (int64_t j = 0; j < n; ++j) {
+    h_row[j] += scratch[j];
+  }
+  float_to_half_row(h_row, h_out, n);
+  half_to_float_row(h_out, h_row, n);  // normalise the rounded h, as load_row does
+}
+
 template <typename scalar_t>
 void store_row(scalar_t* y, const float* h_row, const float* weight, const float* bias, float shift,
                float rstd, int64_t n) {
@@ -109,12 +125,23 @@ template <typename scalar_t>
 void add_norm_rows(const scalar_t* x, const scalar_t* residual, const float* weight, const float* bias,
                    scalar_t* y, scalar_t* h_out, int64_t m, int64_t n, float eps, bool is_rms) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
+  constexpr bool kHalf = std::is_same_v<scalar_t, c10::Half>;
+  const bool f16c = kHalf && cpu_has_f16c();
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> h_row(n);  // one per task, reused across its rows
+    std::vector<float> scratch(f16c ? n : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t offset = i * n;
-      load_row(h_row.data(), x + offset, residual ? residual + offset : nullptr,
-               h_out ? h_out + offset : nullptr, n);
+      if constexpr (kHalf) {
+        if (f16c) {
+          load_row_f16c(h_row.data(), scratch.data(), x + offset, residual ? residual + offset : nullptr,
+                        h_out ? h_out + offset : nullptr, n);
+        }
+      }
+      if (!f16c) {
+        load_row(h_row.data(), x + offset, residual ? residual + offset : nullptr,
+                 h_out ? h_out + offset : nullptr, n);
+      }
       // The mean is summed about the row's first element: a row far from zero then sums small
       // differences instead of large values whose rounding would shift every output.
       const float pivot = h_row[0];
@@ -124,6 +151,13 @@ void add_norm_rows(const scalar_t* x, const scalar_t* residual, const float* wei
       // |mean| >> std. RMSNorm's "variance" is the mean square (mean = 0).
       const float var = row_sum<2>(h_row.data(), mean, n) / static_cast<float>(n);
       const float rstd = 1.f / std::sqrt(var + eps);
+      if constexpr (kHalf) {
+        if (f16c) {
+          store_row(scratch.data(), h_row.data(), weight, bias, mean, rstd, n);
+          float_to_half_row(scratch.data(), y + offset, n);
+          continue;
+        }
+      }
       store_row(y + offset, h_row.data(), weight, bias, mean, rstd, n);
     }
   });
