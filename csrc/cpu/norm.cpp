@@ -2,6 +2,7 @@
 // Rows run in parallel; each row is copied once into an fp32 buffer and then read by plain loops
 // that -O3 vectorises for the baseline ISA (the build has no -march flag).
 #include "ops.h"
+#include "../norm_checks.h"
 #include "half_convert.h"
 
 #include <algorithm>
@@ -163,17 +164,6 @@ void add_norm_rows(const scalar_t* x, const scalar_t* residual, const float* wei
   });
 }
 
-void check_vector(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& x) {
-  if (!t.has_value()) {
-    return;
-  }
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1) && t->is_contiguous(), "add_norm_cpu: ", name,
-              " must be a contiguous (N,) tensor with N = ", x.size(1), ", got shape ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat, "add_norm_cpu: ", name, " must be float32, got ",
-              t->scalar_type());
-  TORCH_CHECK(t->device() == x.device(), "add_norm_cpu: ", name, " must be on ", x.device());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> add_norm_cpu(
@@ -183,18 +173,8 @@ std::tuple<at::Tensor, at::Tensor> add_norm_cpu(
     const std::optional<at::Tensor>& bias,
     double eps,
     bool is_rms) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.is_contiguous(),
-              "add_norm_cpu: x must be a contiguous (M, N) tensor with N > 0, got shape ", x.sizes());
+  check_norm_inputs("add_norm_cpu", x, residual, weight, bias);
   TORCH_CHECK(x.device().is_cpu(), "add_norm_cpu: x must be a CPU tensor, got one on ", x.device());
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous(),
-                "add_norm_cpu: residual must be contiguous with the shape of x ", x.sizes(), ", got ",
-                residual->sizes());
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(),
-                "add_norm_cpu: residual must have the dtype and device of x");
-  }
-  check_vector("weight", weight, x);
-  check_vector("bias", bias, x);
 
   at::Tensor y = at::empty_like(x);
   at::Tensor h = residual.has_value() ? at::empty_like(x) : at::empty({0}, x.options());

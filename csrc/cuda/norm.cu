@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include "../norm_checks.h"
 
 namespace llmfast {
 namespace {
@@ -164,17 +165,6 @@ bool aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;  // null counts as aligned
 }
 
-void check_vector(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& x) {
-  if (!t.has_value()) {
-    return;
-  }
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1) && t->is_contiguous(), "add_norm_cuda: ", name,
-              " must be a contiguous (N,) tensor with N = ", x.size(1), ", got shape ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat, "add_norm_cuda: ", name, " must be float32, got ",
-              t->scalar_type());
-  TORCH_CHECK(t->device() == x.device(), "add_norm_cuda: ", name, " must be on ", x.device());
-}
-
 std::tuple<at::Tensor, at::Tensor> add_norm_cuda(
     const at::Tensor& x,
     const std::optional<at::Tensor>& residual,
@@ -182,20 +172,10 @@ std::tuple<at::Tensor, at::Tensor> add_norm_cuda(
     const std::optional<at::Tensor>& bias,
     double eps,
     bool is_rms) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.is_contiguous(),
-              "add_norm_cuda: x must be a contiguous (M, N) tensor with N > 0, got shape ", x.sizes());
+  check_norm_inputs("add_norm_cuda", x, residual, weight, bias);
   TORCH_CHECK(x.is_cuda(), "add_norm_cuda: x must be a CUDA tensor, got one on ", x.device());
   TORCH_CHECK(x.size(0) <= INT32_MAX && x.size(1) <= INT32_MAX, "add_norm_cuda: x is too large, got shape ",
               x.sizes());
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous(),
-                "add_norm_cuda: residual must be contiguous with the shape of x ", x.sizes(), ", got ",
-                residual->sizes());
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(),
-                "add_norm_cuda: residual must have the dtype and device of x");
-  }
-  check_vector("weight", weight, x);
-  check_vector("bias", bias, x);
 
   const c10::cuda::OptionalCUDAGuard device_guard(x.device());
   at::Tensor y = at::empty_like(x);
