@@ -1,0 +1,65 @@
+"""llmfast.nn norm modules are drop-ins: same parameters as torch.nn, same outputs, state dicts load."""
+import pytest
+import torch
+
+import llmfast
+from helpers import require_backend
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p))
+    return module
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, kwargs", [
+    (8, {}), ((4, 8), {}), (8, {"bias": False}), (8, {"elementwise_affine": False}), (8, {"eps": 1e-3}),
+])
+def test_layer_norm_matches_torch_and_loads_its_state_dict(backend, shape, kwargs):
+    require_backend(backend, "add_layer_norm", torch.device("cpu"))
+    theirs = _randomize(torch.nn.LayerNorm(shape, **kwargs))
+    ours = llmfast.nn.LayerNorm(shape, **kwargs, backend=backend)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 5, 4, 8) if shape == (4, 8) else torch.randn(3, 5, 8)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", [1e-6, None])
+def test_rms_norm_matches_torch_and_loads_its_state_dict(backend, eps):
+    require_backend(backend, "add_rms_norm", torch.device("cpu"))
+    theirs = _randomize(torch.nn.RMSNorm(16, eps=eps))
+    ours = llmfast.nn.RMSNorm(16, eps=eps, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_add_modules_return_norm_of_the_sum_and_the_sum(backend):
+    require_backend(backend, "add_rms_norm", torch.device("cpu"))
+    x, r = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    rms = _randomize(llmfast.nn.FusedAddRMSNorm(32, backend=backend))
+    ln = _randomize(llmfast.nn.FusedAddLayerNorm(32, backend=backend))
+    for module, plain in ((rms, torch.nn.RMSNorm(32, eps=1e-6)), (ln, torch.nn.LayerNorm(32))):
+        plain.load_state_dict(module.state_dict())
+        y, h = module(x, r)
+        torch.testing.assert_close(h, x + r)
+        torch.testing.assert_close(y, plain(x + r), rtol=1e-5, atol=1e-5)
+        y0, h0 = module(x)
+        assert h0.data_ptr() == x.data_ptr() and h0.shape == x.shape  # h is x itself, not a copy
+        torch.testing.assert_close(y0, plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_modules_name_the_argument_on_bad_input():
+    with pytest.raises(ValueError, match="x: expected trailing dims"):
+        llmfast.nn.LayerNorm(8)(torch.randn(2, 9))
+    with pytest.raises(ValueError, match="residual: expected shape"):
+        llmfast.nn.FusedAddRMSNorm(8)(torch.randn(2, 8), torch.randn(3, 8))
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        llmfast.nn.RMSNorm(8)(torch.ones(2, 8, dtype=torch.int64))
