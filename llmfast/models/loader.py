@@ -1,0 +1,141 @@
+"""Load a local Hugging Face checkpoint folder (config.json + safetensors) into an llmfast model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from llmfast.models.bert import BertModel
+from llmfast.models.gpt2 import GPT2LMHeadModel
+from llmfast.models.llama import MODEL_TYPES as LLAMA_TYPES
+from llmfast.models.llama import LlamaForCausalLM
+from llmfast.models.rope import RotaryEmbedding
+
+MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {
+    **{model_type: LlamaForCausalLM for model_type in LLAMA_TYPES},
+    "gpt2": GPT2LMHeadModel,
+    "bert": BertModel,
+}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SHOWN = 5  # names listed in an error before "and N more"
+
+
+def load_model(
+    path: str | Path, *, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """The model of checkpoint folder ``path``, in eval mode, its parameters in ``dtype`` on ``device``.
+
+    ``path`` holds ``config.json`` (its ``model_type`` one of ``MODEL_CLASSES``) and the weights as one or
+    more ``*.safetensors`` files (sharded: listed by ``model.safetensors.index.json``), in any float dtype.
+    ``dtype``: a torch dtype, ``"float32"``/``"float16"``/``"bfloat16"``, or ``"auto"`` for the config's
+    ``torch_dtype`` (float32 when absent). Raises FileNotFoundError for missing files and ValueError for an
+    unsupported model or tensors that do not fit it (missing, unexpected, or of the wrong shape).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"path: no checkpoint folder at {folder}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"path: {folder} has no config.json")
+    hf_config = json.loads(config_file.read_text())
+    model_type = hf_config.get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is not supported; expected one of {sorted(MODEL_CLASSES)}"
+        )
+    dtype = _resolve_dtype(dtype, hf_config)
+    files = _weight_files(folder)
+
+    with torch.device("meta"):  # no memory and no random init for weights about to be overwritten
+        try:
+            model = MODEL_CLASSES[model_type].from_hf_config(hf_config)
+        except KeyError as exc:
+            raise ValueError(f"{config_file}: lacks {exc.args[0]!r}, which {model_type} models need") from None
+    model = _to_empty_keeping_ties(model.to(dtype), device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):  # buffers that are computed, not stored
+            module.reset_inv_freq()
+    _load_weights(model, files)
+    return model.eval()
+
+
+def _to_empty_keeping_ties(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """``model.to_empty(device)``, which allocates each module's parameters apart, then re-ties the ones
+    that were shared (tied input/output embeddings)."""
+    names_by_param: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(param), []).append(name)
+    model = model.to_empty(device=device)
+    for first, *aliases in names_by_param.values():
+        for alias in aliases:
+            owner, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(owner), attr, model.get_parameter(first))
+    return model
+
+
+def _resolve_dtype(dtype: torch.dtype | str, hf_config: dict) -> torch.dtype:
+    if dtype == "auto":
+        stored = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+        return _DTYPES.get(stored, torch.float32)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: expected 'auto', one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    return dtype
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of the checkpoint: the shards its index lists, or every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index}: lists shards that are not in {folder}: {_names(missing)}")
+        return [folder / name for name in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"path: {folder} has no *.safetensors weights (other formats are not supported)")
+    return files
+
+
+def _names(names: list[str]) -> str:
+    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+@torch.no_grad()
+def _load_weights(model: torch.nn.Module, files: list[Path]) -> None:
+    """Copies every checkpoint tensor into its parameter (converting dtype and device), one at a time."""
+    params = dict(model.named_parameters())  # tied weights appear once, under their first name
+    loaded, unexpected = set(), []
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for hf_name in f.keys():
+                mapped = model.load_hf_tensor(hf_name, f.get_tensor(hf_name))
+                if mapped is None:
+                    continue
+                name, tensor = mapped
+                if name not in params:
+                    unexpected.append(hf_name)
+                    continue
+                param = params[name]
+                if tensor.shape != param.shape:
+                    raise ValueError(
+                        f"{file.name}: tensor {hf_name} has shape {tuple(tensor.shape)}, but the model built from "
+                        f"config.json expects {tuple(param.shape)} for {name}"
+                    )
+                if not tensor.is_floating_point():
+                    raise ValueError(f"{file.name}: tensor {hf_name} has dtype {tensor.dtype}, expected a float dtype")
+                param.copy_(tensor)
+                loaded.add(name)
+    if unexpected:
+        names = _names(sorted(unexpected))
+        raise ValueError(f"checkpoint has tensors the {type(model).__name__} does not use: {names}")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors the {type(model).__name__} needs: {_names(missing)}")

