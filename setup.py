@@ -69,7 +69,7 @@ setup(
     packages=find_packages(include=["llmfast", "llmfast.*"]) + ["llmfast_kernels", "llmfast_benchmarks"],
     package_dir={"llmfast_kernels": "kernels", "llmfast_benchmarks": "benchmarks"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton", "numpy", "safetensors"],
+    install_requires=["torch>=2.4", "triton", "numpy", "safetensors", "transformers", "tqdm"],
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["llmfast=llmfast.cli:main"]},

@@ -183,7 +183,7 @@ def plot_bars(
     fig = Figure(figsize=(7 * ncols, 4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     labels = list(dict.fromkeys(label for _, series in panels.values() for label in series))
-    for ax, (title, (xlabels, series)) in zip(axes, panels.items()):
+    for ax, (panel_title, (xlabels, series)) in zip(axes, panels.items()):
         width = 0.8 / max(1, len(series))
         for i, (label, values) in enumerate(series.items()):
             xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(xlabels))]
@@ -192,7 +192,7 @@ def plot_bars(
         if hline is not None:
             ax.axhline(hline, color="black", linestyle="--", linewidth=1, label=hline_label)
         ax.set_xticks(range(len(xlabels)), xlabels, fontsize=8)
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     if title:

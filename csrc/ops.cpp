@@ -9,6 +9,12 @@ TORCH_LIBRARY(llmfast, m) {
   // residual.
   m.def("add_norm_cpu(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool is_rms)"
         " -> (Tensor, Tensor)");
+  // x: (M, K) float32/float16/bfloat16; qweight: int8 (N, K) or int32 (N, K / 8) holding 4-bit codes;
+  // scales: (N, groups) in x.dtype; zeros: like scales for 4 bits, None for 8; bias: (N,) in x.dtype or
+  // None; isa: "auto", or "avx512" / "avx2" / "baseline" to test that copy of the kernels.
+  // Returns x @ dequantized weight.T (+ bias): (M, N) in x.dtype.
+  m.def("quant_matmul_cpu(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, str isa='auto')"
+        " -> Tensor");
 }
 
 // Empty: importing llmfast._C only has to load this library so the registrations above run.

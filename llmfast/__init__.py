@@ -1,6 +1,11 @@
 """llmfast: GPU kernels for large language models, with reference and CPU fallbacks."""
 from llmfast.backends import BackendUnavailable, available_backends
 from llmfast import models, nn, ops, quant
+from llmfast.engine import LLM, BeamSearchParams, SamplingParams
+from llmfast.patch import patch
 
-__all__ = ["BackendUnavailable", "available_backends", "models", "nn", "ops", "quant"]
+__all__ = [
+    "LLM", "BackendUnavailable", "BeamSearchParams", "SamplingParams", "available_backends",
+    "models", "nn", "ops", "patch", "quant",
+]
 __version__ = "0.1.0"

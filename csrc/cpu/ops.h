@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 namespace llmfast {
 
@@ -19,5 +20,19 @@ std::tuple<at::Tensor, at::Tensor> add_norm_cpu(
     const std::optional<at::Tensor>& bias,
     double eps,
     bool is_rms);
+
+// Weight-only quantized matmul: y = x @ dequantize(qweight, scales, zeros).T (+ bias), the formats of
+// llmfast.quant.QuantizedWeight. x: (M, K) contiguous float32/float16/bfloat16; qweight: int8 (N, K)
+// (8 bits, symmetric) or int32 (N, K / 8) (4 bits, asymmetric, packed as llmfast.quant.pack_int4);
+// scales: (N, groups) in x.dtype; zeros: like scales for 4 bits, None for 8; bias: (N,) in x.dtype or None.
+// isa: "auto" (the widest this CPU has), or "avx512", "avx2", "baseline" to run that copy of the kernels.
+// Returns y: (M, N) in x.dtype.
+at::Tensor quant_matmul_cpu(
+    const at::Tensor& x,
+    const at::Tensor& qweight,
+    const at::Tensor& scales,
+    const std::optional<at::Tensor>& zeros,
+    const std::optional<at::Tensor>& bias,
+    c10::string_view isa);
 
 }  // namespace llmfast

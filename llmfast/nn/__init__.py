@@ -1,4 +1,5 @@
 """Drop-in modules built on llmfast.ops."""
 from llmfast.nn.norm import FusedAddLayerNorm, FusedAddRMSNorm, LayerNorm, RMSNorm
+from llmfast.nn.quant_linear import QuantLinear
 
-__all__ = ["FusedAddLayerNorm", "FusedAddRMSNorm", "LayerNorm", "RMSNorm"]
+__all__ = ["FusedAddLayerNorm", "FusedAddRMSNorm", "LayerNorm", "QuantLinear", "RMSNorm"]

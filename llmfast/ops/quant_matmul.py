@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from llmfast import _ext
 from llmfast.backends import register, select
 from llmfast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor
 from llmfast.quant.weight import QuantizedWeight
@@ -37,7 +38,6 @@ def _check_quant_matmul_inputs(x, w, bias) -> None:
         check_shape("bias", bias, (n,), "(N,), the out-features of w")
 
 
-@register("quant_matmul", "reference")
 def quant_matmul_reference(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """The oracle: ``x (M, K)`` -> ``(M, N)``, float32 math over the dequantized weight.
 
@@ -47,3 +47,25 @@ def quant_matmul_reference(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tens
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# C++ CPU kernel (csrc/cpu/quant_matmul.cpp): a torch custom op with a fake, so torch.compile(fullgraph=True)
+# treats it as one opaque node.
+if _ext.has_op("quant_matmul_cpu"):
+    @torch.library.register_fake("llmfast::quant_matmul_cpu")
+    def _(x, qweight, scales, zeros, bias, isa="auto"):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def _quant_matmul_cpu(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x (M, K)`` -> ``(M, N)`` through the C++ kernel, which takes contiguous tensors."""
+    zeros = None if w.zeros is None else w.zeros.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return torch.ops.llmfast.quant_matmul_cpu(
+        x.contiguous(), w.qweight.contiguous(), w.scales.contiguous(), zeros, bias
+    )
+
+
+# auto prefers them in this order
+register("quant_matmul", "cpu", needs="quant_matmul_cpu")(_quant_matmul_cpu)
+register("quant_matmul", "reference")(quant_matmul_reference)

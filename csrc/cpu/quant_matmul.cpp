@@ -1,0 +1,464 @@
+// Weight-only quantized matmul on CPU: y (M, N) = x (M, K) @ dequantize(qweight).T (+ bias), the formats
+// of llmfast/quant/weight.py (int8 symmetric; int4 asymmetric, 8 codes per int32 along K).
+//
+// Output columns run in parallel, kCols at a time. For each tile of up to MR rows (8 with AVX-512, 4
+// otherwise) the kernel dequantizes the block's weights into vector registers (never to memory) and
+// multiply-accumulates them with x in float32 lanes, so the weights are read from memory once per
+// panel of rows (all of M up to kPanelBytes of x) and dequantized once per tile.
+//
+// The build has no -march flag (the wheel must run on any x86-64), so the kernels are compiled three
+// times under target attributes (AVX-512, AVX2 + FMA, the baseline) and the widest one this CPU has
+// is picked at run time. They are written with GCC vector extensions, so one source serves all three.
+#include "ops.h"
+#include "half_convert.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <ATen/Dispatch_v2.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#define LLMFAST_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// The helpers below take and return AVX vectors although they are compiled for the baseline; GCC warns
+// that such calls change the ABI. They are always inlined into the target-attributed kernels, so no
+// call crosses that boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace llmfast {
+namespace {
+
+// Output columns per tile. Two keep an 8-row AVX-512 tile (16 accumulators, plus each column's codes,
+// scales, zeros and dequantized weights) inside the 32 vector registers.
+constexpr int kCols = 2;
+
+// Rows of x per panel: a panel of float32 rows this large stays in L2 while every column streams past
+// it. Larger batches re-read the weights once per panel.
+constexpr int64_t kPanelBytes = 512 * 1024;
+
+// Multiply-adds per parallel task, so that small problems stay on one thread.
+constexpr int64_t kGrainMacs = 1 << 17;
+
+template <int V>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * V)));
+  typedef int32_t i __attribute__((vector_size(4 * V)));
+};
+
+template <typename T>
+LLMFAST_ALWAYS_INLINE T load(const void* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));  // an unaligned vector load
+  return v;
+}
+
+// Lane l of the result is v[index[l]].
+template <typename vf, typename vi>
+LLMFAST_ALWAYS_INLINE vf permute(vf v, vi index) {
+#if defined(__clang__)  // clang has no variable-index __builtin_shuffle
+  vf out;
+  for (int l = 0; l < static_cast<int>(sizeof(vf) / sizeof(float)); ++l) {
+    out[l] = v[index[l]];
+  }
+  return out;
+#else
+  return __builtin_shuffle(v, index);  // one vpermps with AVX2 / AVX-512
+#endif
+}
+
+template <int V>
+LLMFAST_ALWAYS_INLINE float hsum(typename Vec<V>::f v) {
+  float s = 0.f;
+  for (int l = 0; l < V; ++l) {
+    s += v[l];
+  }
+  return s;
+}
+
+// One block of output columns for rows [row_begin, row_end), as raw pointers.
+struct Block {
+  // (M, K) float32 rows in the chunked order of prepare_x.
+  const float* x;
+  int64_t k;
+  // The block's first column: (K,) int8 or (K / 8,) int32; column c starts c * qweight_stride bytes
+  // later. A block of one column (the last, when N is odd) has stride 0: it is computed twice and
+  // stored once, so that the tile kernels come in one width only.
+  const char* qweight;
+  int64_t qweight_stride;
+  // Weights are prefetched this many bytes ahead of their reads: the next block's, at the offset being
+  // read (rows of consecutive blocks are contiguous). Without it a batch of 1 to 4 rows waited on
+  // memory: on a 2-core AMD EPYC (Zen 5) VM, K x N = 4096 x 11008, cold weights, M = 1 went from
+  // 1.96 to 1.49 ms (int8) and 1.27 to 0.85 ms (int4). Fixed distances of 2 to 8 KiB matched it on
+  // some shapes and lost up to 20% on others.
+  int64_t prefetch_distance;
+  // (kCols, scales_stride) float32 per group: the scales and, for int4, the value of code 0
+  // (zero - 8 * scale), from prepare_scales; padded so that a vector load from any group stays
+  // inside. Stride 0 for a block of one column.
+  const float* scales;
+  const float* zeros;
+  int64_t scales_stride;
+  int group_shift;  // the group of code k is k >> group_shift (kOneGroup: a single group per row)
+  // lane l of a chunk (see tile) belongs to the chunk's first group + lane_group[l], l < V
+  int32_t lane_group[16];
+  int cols;  // 1 .. kCols
+  int bits;  // 8 or 4
+  int64_t row_begin, row_end;
+  float* y;  // y + r * y_stride + c for row r, column c of the block
+  int64_t y_stride;
+  const float* bias;  // (cols,) or null
+};
+
+// A shift that sends every code index (< 2^62) to group 0.
+constexpr int kOneGroup = 62;
+
+// Codes per int32 word: int4 packs 8 (llmfast.quant.pack_int4); int8's 4 bytes are read as one word.
+template <int kBits>
+constexpr int kCodesPerWord = 32 / kBits;
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "int8 codes are read four to an int32 word");
+
+// The weights of code j of each word: int4 (words >> 4j) & 15 in [0, 15], times scale, plus zero
+// (the value of code 0); int8 byte j, sign-extended, times scale.
+template <int kBits, typename vf, typename vi>
+LLMFAST_ALWAYS_INLINE vf dequantize(vi words, int j, vf scale, vf zero) {
+  if constexpr (kBits == 4) {
+    return __builtin_convertvector((words >> (4 * j)) & 15, vf) * scale + zero;
+  } else {
+    return __builtin_convertvector((words << (24 - 8 * j)) >> 24, vf) * scale;
+  }
+}
+
+// out[r][c] = sum_k x[r][k] * w[c][k] for MR rows and the block's kCols columns.
+//
+// A chunk of V int32 words (P = kCodesPerWord codes each) is one vector of words; its code j of every
+// word meets the vector of x that prepare_x filled with x[P * l + j] in lane l, so unpacking takes one
+// or two shifts per V codes and no shuffles. Lane l's scale is that of word l's group: a permutation of
+// the (at most V) group scales the chunk touches.
+template <int V, int kBits, int MR>
+LLMFAST_ALWAYS_INLINE void tile(const Block& b, const float* x, float (&out)[MR][kCols]) {
+  using vf = typename Vec<V>::f;
+  using vi = typename Vec<V>::i;
+  constexpr int P = kCodesPerWord<kBits>;
+  constexpr int kChunk = P * V;  // codes per chunk
+  const int64_t chunks = b.k / kChunk;
+  const vi lane_group = load<vi>(b.lane_group);
+  vf acc[MR][kCols] = {};
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t group = (c * kChunk) >> b.group_shift;
+    vi words[kCols];
+    vf scale[kCols], zero[kCols] = {};
+#pragma GCC unroll 4
+    for (int n = 0; n < kCols; ++n) {
+      const char* chunk_words = b.qweight + n * b.qweight_stride + c * (kChunk * kBits / 8);
+      // summed as integers: the address may lie past the end of qweight (a prefetch never faults)
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(chunk_words) + b.prefetch_distance;
+      __builtin_prefetch(reinterpret_cast<const void*>(ahead));
+      words[n] = load<vi>(chunk_words);
+      scale[n] = permute(load<vf>(b.scales + n * b.scales_stride + group), lane_group);
+      if constexpr (kBits == 4) {
+        zero[n] = permute(load<vf>(b.zeros + n * b.scales_stride + group), lane_group);
+      }
+    }
+    const float* xc = x + c * kChunk;
+#pragma GCC unroll 8
+    for (int j = 0; j < P; ++j) {  // unrolled, so every shift count is a constant
+      vf w[kCols];
+#pragma GCC unroll 4
+      for (int n = 0; n < kCols; ++n) {
+        w[n] = dequantize<kBits>(words[n], j, scale[n], zero[n]);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const vf xv = load<vf>(xc + r * b.k + j * V);
+#pragma GCC unroll 4
+        for (int n = 0; n < kCols; ++n) {
+          acc[r][n] += xv * w[n];
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int n = 0; n < kCols; ++n) {
+      out[r][n] = hsum<V>(acc[r][n]);
+    }
+  }
+  // codes past the last whole chunk, whose x prepare_x left in order
+  for (int64_t k = chunks * kChunk; k < b.k; ++k) {
+    for (int n = 0; n < kCols; ++n) {
+      const char* column = b.qweight + n * b.qweight_stride;
+      const int64_t group = k >> b.group_shift;
+      float w;
+      if constexpr (kBits == 4) {
+        int32_t word;
+        std::memcpy(&word, column + k / 8 * 4, 4);
+        const float c = static_cast<float>((static_cast<uint32_t>(word) >> (4 * (k % 8))) & 15u);
+        w = c * b.scales[n * b.scales_stride + group] + b.zeros[n * b.scales_stride + group];
+      } else {
+        w = static_cast<float>(static_cast<int8_t>(column[k])) * b.scales[n * b.scales_stride + group];
+      }
+      for (int r = 0; r < MR; ++r) {
+        out[r][n] += x[r * b.k + k] * w;
+      }
+    }
+  }
+}
+
+template <int V, int kBits, int MR>
+LLMFAST_ALWAYS_INLINE void store_tile(const Block& b, int64_t row) {
+  float out[MR][kCols];
+  tile<V, kBits, MR>(b, b.x + row * b.k, out);
+  for (int r = 0; r < MR; ++r) {
+    for (int n = 0; n < b.cols; ++n) {
+      b.y[(row + r) * b.y_stride + n] = out[r][n] + (b.bias ? b.bias[n] : 0.f);
+    }
+  }
+}
+
+// A tile of `rows` (1 .. MR) rows: the row count is a template argument so the accumulators stay in
+// registers.
+template <int V, int kBits, int MR>
+LLMFAST_ALWAYS_INLINE void tile_rows(const Block& b, int64_t row, int64_t rows) {
+  if constexpr (MR > 1) {
+    if (rows < MR) {
+      tile_rows<V, kBits, MR - 1>(b, row, rows);
+      return;
+    }
+  }
+  store_tile<V, kBits, MR>(b, row);
+}
+
+template <int V, int MR>
+LLMFAST_ALWAYS_INLINE void block_rows(const Block& b) {
+  for (int64_t row = b.row_begin; row < b.row_end; row += MR) {
+    const int64_t rows = std::min<int64_t>(MR, b.row_end - row);
+    if (b.bits == 4) {
+      tile_rows<V, 4, MR>(b, row, rows);
+    } else {
+      tile_rows<V, 8, MR>(b, row, rows);
+    }
+  }
+}
+
+// One copy of the kernels per instruction set: V float32 lanes per vector, MR rows per tile (as many
+// as the vector registers hold).
+#if defined(__x86_64__)
+__attribute__((target("avx512f,fma"))) void block_avx512(const Block& b) {
+  block_rows<16, 8>(b);
+}
+
+__attribute__((target("avx2,fma"))) void block_avx2(const Block& b) {
+  block_rows<8, 4>(b);
+}
+#endif
+
+void block_baseline(const Block& b) {
+  block_rows<4, 4>(b);
+}
+
+struct Isa {
+  void (*block)(const Block&);
+  int lanes;
+};
+
+// The widest instruction set this CPU has ("auto"), or the one named (the narrower ones are there to
+// be tested on a CPU that has the wider ones).
+Isa pick_isa(c10::string_view name) {
+  const Isa baseline{block_baseline, 4};
+  if (name == "baseline") {
+    return baseline;
+  }
+#if defined(__x86_64__)
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx512" || (name == "auto" && avx512)) {
+    TORCH_CHECK(avx512, "quant_matmul_cpu: isa='avx512' needs AVX-512F and FMA, which this CPU lacks");
+    return {block_avx512, 16};
+  }
+  if (name == "avx2" || (name == "auto" && avx2)) {
+    TORCH_CHECK(avx2, "quant_matmul_cpu: isa='avx2' needs AVX2 and FMA, which this CPU lacks");
+    return {block_avx2, 8};
+  }
+#endif
+  TORCH_CHECK(name == "auto", "quant_matmul_cpu: isa must be 'auto', 'avx512', 'avx2' or 'baseline' (on x86-64), got '",
+              name, "'");
+  return baseline;
+}
+
+// x (rows, k) -> float32 xp (rows, k) in the order tile reads: within each whole chunk of
+// codes_per_word * lanes values, vector j (lanes values) holds the chunk's values codes_per_word * l + j,
+// l = 0 .. lanes - 1; the values past the last whole chunk stay in order.
+template <typename scalar_t>
+void prepare_x(const scalar_t* x, float* xp, int64_t rows, int64_t k, int64_t lanes, int64_t codes_per_word) {
+  const int64_t chunk = codes_per_word * lanes;
+  const int64_t whole = k / chunk * chunk;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / k), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* src = x + r * k;
+      float* dst = xp + r * k;
+      for (int64_t c = 0; c < whole; c += chunk) {
+        for (int64_t j = 0; j < codes_per_word; ++j) {
+          for (int64_t l = 0; l < lanes; ++l) {
+            dst[c + j * lanes + l] = to_float(src[c + codes_per_word * l + j]);
+          }
+        }
+      }
+      for (int64_t i = whole; i < k; ++i) {
+        dst[i] = to_float(src[i]);
+      }
+    }
+  });
+}
+
+// Block's float32 scales and zeros, (cols, stride), for columns [n, n + cols): int4's zero becomes the
+// value of code 0, since w = (code - 8) * scale + zero = code * scale + (zero - 8 * scale).
+template <typename scalar_t>
+void prepare_scales(const scalar_t* scales, const scalar_t* zeros, int64_t n, int cols, int64_t groups,
+                    int64_t stride, float* scales_out, float* zeros_out) {
+  for (int c = 0; c < cols; ++c) {
+    const scalar_t* s = scales + (n + c) * groups;
+    const scalar_t* z = zeros ? zeros + (n + c) * groups : nullptr;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float scale = to_float(s[g]);
+      scales_out[c * stride + g] = scale;
+      if (z != nullptr) {
+        zeros_out[c * stride + g] = to_float(z[g]) - 8.f * scale;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void quant_matmul_rows(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                       const Isa& isa, at::Tensor& y) {
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0), groups = scales.size(1);
+  const int bits = qweight.scalar_type() == at::kChar ? 8 : 4;
+
+  at::Tensor xp = at::empty({m, k}, x.options().dtype(at::kFloat));
+  prepare_x(x.const_data_ptr<scalar_t>(), xp.mutable_data_ptr<float>(), m, k, isa.lanes, 32 / bits);
+  // float32 results, written straight into y when y is float32
+  at::Tensor yf = y.scalar_type() == at::kFloat ? y : at::empty({m, n}, y.options().dtype(at::kFloat));
+  std::vector<float> bias_f;
+  if (bias.has_value()) {
+    const scalar_t* b = bias->const_data_ptr<scalar_t>();
+    bias_f.assign(b, b + n);  // converts each element
+  }
+
+  const int64_t group_size = k / groups;  // a power of two when groups > 1 (llmfast.quant.GROUP_SIZES)
+  const int group_shift = groups == 1 ? kOneGroup : __builtin_ctzll(group_size);
+  // tile loads a vector of scales from a chunk's first group, so rows are padded by one vector
+  const int64_t scales_stride = groups + isa.lanes;
+  const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (4 * k));
+  const int64_t blocks = (n + kCols - 1) / kCols;
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / (kCols * k * std::min(m, panel_rows)));
+  const scalar_t* scales_ptr = scales.const_data_ptr<scalar_t>();
+  const scalar_t* zeros_ptr = zeros.has_value() ? zeros->const_data_ptr<scalar_t>() : nullptr;
+  const char* qweight_ptr = static_cast<const char*>(qweight.const_data_ptr());
+  const int64_t qweight_row_bytes = qweight.size(1) * qweight.element_size();
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scales_f(kCols * scales_stride), zeros_f(kCols * scales_stride);
+    Block b{};
+    b.x = xp.const_data_ptr<float>();
+    b.k = k;
+    b.scales = scales_f.data();
+    b.zeros = zeros_f.data();
+    b.group_shift = group_shift;
+    for (int l = 0; l < isa.lanes; ++l) {
+      // lane l holds codes of word l; 0 in every lane when a group spans the chunk
+      b.lane_group[l] = groups == 1 ? 0 : static_cast<int32_t>(l / (group_size / (32 / bits)));
+    }
+    b.bits = bits;
+    b.y_stride = n;
+    for (int64_t row = 0; row < m; row += panel_rows) {
+      b.row_begin = row;
+      b.row_end = std::min(m, row + panel_rows);
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t col = block * kCols;
+        b.cols = static_cast<int>(std::min<int64_t>(kCols, n - col));
+        prepare_scales(scales_ptr, zeros_ptr, col, b.cols, groups, scales_stride, scales_f.data(), zeros_f.data());
+        b.qweight = qweight_ptr + col * qweight_row_bytes;
+        b.qweight_stride = b.cols == kCols ? qweight_row_bytes : 0;
+        b.prefetch_distance = kCols * qweight_row_bytes;
+        b.scales_stride = b.cols == kCols ? scales_stride : 0;
+        b.y = yf.mutable_data_ptr<float>() + col;
+        b.bias = bias_f.empty() ? nullptr : bias_f.data() + col;
+        isa.block(b);
+      }
+    }
+  });
+
+  if (y.scalar_type() != at::kFloat) {
+    const float* src = yf.const_data_ptr<float>();
+    scalar_t* dst = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, m * n, 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        dst[i] = from_float<scalar_t>(src[i]);
+      }
+    });
+  }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
+              "quant_matmul_cpu: x must be a contiguous (M, K) CPU tensor, got shape ", x.sizes(), " on ",
+              x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "quant_matmul_cpu: x must be float32/float16/bfloat16, got ", x.scalar_type());
+  const bool int8 = qweight.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || qweight.scalar_type() == at::kInt,
+              "quant_matmul_cpu: qweight must be int8 (8 bits) or int32 (4 bits packed), got ", qweight.scalar_type());
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.device() == x.device(),
+              "quant_matmul_cpu: qweight must be a contiguous 2-D tensor on ", x.device());
+  const int64_t k = x.size(1), n = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) * (int8 ? 1 : 8) == k, "quant_matmul_cpu: qweight of shape ", qweight.sizes(),
+              " does not match K = ", k, " of x");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) > 0 && scales.is_contiguous(),
+              "quant_matmul_cpu: scales must be a contiguous (N, groups) tensor with N = ", n, ", got shape ",
+              scales.sizes());
+  // a word of codes never spans two groups, and tile finds a code's group with a shift
+  const int64_t groups = scales.size(1), group_size = k / groups;
+  TORCH_CHECK(groups == 1 || (k % groups == 0 && group_size >= 8 && (group_size & (group_size - 1)) == 0),
+              "quant_matmul_cpu: K / groups must be a power of two >= 8 (or groups 1), got K = ", k,
+              " and ", groups, " groups");
+  TORCH_CHECK(scales.scalar_type() == x.scalar_type() && scales.device() == x.device(),
+              "quant_matmul_cpu: scales must have the dtype and device of x");
+  TORCH_CHECK(int8 != zeros.has_value(), "quant_matmul_cpu: zeros must be given for int4 and None for int8");
+  if (zeros.has_value()) {
+    TORCH_CHECK(zeros->sizes() == scales.sizes() && zeros->is_contiguous() &&
+                    zeros->scalar_type() == scales.scalar_type() && zeros->device() == x.device(),
+                "quant_matmul_cpu: zeros must be contiguous with the shape, dtype and device of scales");
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+                "quant_matmul_cpu: bias must be a contiguous (N,) tensor with the dtype and device of x");
+  }
+}
+
+}  // namespace
+
+at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                            c10::string_view isa) {
+  check_inputs(x, qweight, scales, zeros, bias);
+  const Isa kernels = pick_isa(isa);
+  at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
+  if (y.numel() == 0) {
+    return y;
+  }
+  AT_DISPATCH_V2(x.scalar_type(), "quant_matmul_cpu", AT_WRAP([&] {
+    quant_matmul_rows<scalar_t>(x, qweight, scales, zeros, bias, kernels, y);
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(llmfast, CPU, m) {
+  m.impl("quant_matmul_cpu", &quant_matmul_cpu);
+}
+
+}  // namespace llmfast

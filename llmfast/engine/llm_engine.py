@@ -1,0 +1,160 @@
+"""The engine loop: requests in, one scheduled forward and one sampled token per running sequence per step,
+finished completions out. ``LLM`` (llm.py) adds the user-facing calls on top."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from llmfast.engine.block_manager import BlockManager
+from llmfast.engine.detokenizer import Detokenizer, load_tokenizer
+from llmfast.engine.model_runner import QUANT_BITS, ModelRunner
+from llmfast.engine.outputs import CompletionOutput
+from llmfast.engine.sampler import Sampler
+from llmfast.engine.sampling_params import SamplingParams
+from llmfast.engine.scheduler import Scheduler
+from llmfast.engine.sequence import Sequence
+
+
+def _check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for, but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: the engine runs on cpu or cuda, got {device}")
+    return device
+
+
+def _eos_token_ids(path: Path, tokenizer) -> set[int]:
+    """The generation config's eos ids (config.json's when it has none) and the tokenizer's."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if file.is_file():
+            eos = json.loads(file.read_text()).get("eos_token_id")
+            if eos is not None:
+                ids.update([eos] if isinstance(eos, int) else eos)
+                break
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, model: str | Path, dtype="auto", device="auto", quantization: str | None = None,
+                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None,
+                 enforce_eager: bool = False, seed: int = 0):
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            _check_positive_int(name, value)
+        _check_positive_int("num_kv_blocks", num_kv_blocks, allow_none=True)
+        if quantization is not None and quantization not in QUANT_BITS:
+            raise ValueError(f"quantization: expected None or one of {sorted(QUANT_BITS)}, got {quantization!r}")
+        if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \
+                or not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: expected a fraction in (0, 1], got {gpu_memory_utilization!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed: expected an int, got {seed!r}")
+        self.device = _resolve_device(device)
+        self.enforce_eager = enforce_eager  # CUDA graphs are not captured yet: every step runs eagerly
+        self.runner = ModelRunner(model, dtype=dtype, device=self.device, quantization=quantization,
+                                  block_size=block_size, num_kv_blocks=num_kv_blocks,
+                                  gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens)
+        self.tokenizer = load_tokenizer(model)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.eos_token_ids = _eos_token_ids(Path(model), self.tokenizer)
+        self.vocab_size = self.runner.vocab_size
+        # a sequence must fit in the cache on its own, or preempting the others could not make room for it
+        self.kv_capacity = self.runner.num_kv_blocks * block_size
+        self.max_model_len = min(self.runner.max_model_len, self.kv_capacity)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.sampler = Sampler(self.device, seed)
+        self._request_ids = itertools.count()
+
+    def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        """Queues the ``params.n`` sequences of one (validated) request."""
+        request_id = str(next(self._request_ids))
+        seqs = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:  # sibling i gets seed + i, as vLLM's n > 1
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            seqs.append(Sequence(request_id, index, prompt_token_ids, params, generator, prompt))
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return seqs
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+
+    def step(self) -> None:
+        """Runs one scheduled forward, then samples the next token of each sequence it completed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            raise RuntimeError("the scheduler found nothing to run although requests are unfinished: "
+                               f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running")
+        try:
+            logits, sampled = self.runner.run(batch)
+        except BaseException:
+            self.scheduler.requeue(batch)
+            raise
+        for seq, num_new in batch:
+            seq.num_computed_tokens += num_new
+        if sampled:
+            out = self.sampler(logits, sampled, self.eos_token_ids)
+            for seq, token, logprob, top in zip(sampled, out.token_ids, out.logprobs, out.top_logprobs):
+                if top is not None:
+                    for token_id, entry in top.items():
+                        entry.decoded_token = self.detokenizer.token_text(token_id)
+                seq.append_token(token, logprob, top)
+                self._check_finished(seq, token)
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        """Detokenises the new token and ends ``seq`` on eos, a stop token or string, or its length limit."""
+        p = seq.params
+        finish, reason = None, None
+        may_stop = seq.num_output_tokens >= p.min_tokens
+        if may_stop and not p.ignore_eos and token in self.eos_token_ids:
+            finish = "stop"
+        elif may_stop and token in p.stop_token_ids:
+            finish, reason = "stop", token
+        # the eos or stop token stays in token_ids but not in the text
+        piece = self.detokenizer.update(seq, seq.num_tokens - 1 if finish is not None else seq.num_tokens)
+        if finish is None and (seq.num_tokens >= self.max_model_len
+                               or (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)):
+            finish = "length"
+        if piece and p.stop and may_stop:
+            stop = self.detokenizer.find_stop_string(seq, len(piece))
+            if stop is not None:
+                finish, reason = "stop", stop
+        if finish is not None:
+            seq.finish_reason, seq.stop_reason = finish, reason
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def completion(seq: Sequence) -> CompletionOutput:
+        return CompletionOutput(
+            index=seq.index, text=seq.text, token_ids=seq.output_token_ids,
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=None if seq.logprobs is None else list(seq.logprobs),
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+        )

@@ -1,0 +1,103 @@
+"""How to sample one request (vLLM's SamplingParams) and how to beam-search (BeamSearchParams).
+
+Every value is checked at construction, so a bad request fails before anything runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_float(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    """vLLM's sampling parameters. ``temperature=0`` is greedy; ``top_k`` 0 or -1 disables top-k;
+    ``max_tokens=None`` generates up to the model's maximum length; ``stop`` strings end the text (and are
+    left out of it); ``logprobs=k`` returns, per generated token, the k most likely tokens and the sampled
+    one, from the model's distribution before any penalty or temperature."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, 1)
+        _check_float("temperature", self.temperature, 0.0, math.inf)
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k: expected -1, 0 (both disable top-k) or a positive int, got {self.top_k!r}")
+        _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_float("min_p", self.min_p, 0.0, 1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_int("max_tokens", self.max_tokens, 1, allow_none=True)
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens: expected at most max_tokens={self.max_tokens}, got {self.min_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop: expected a non-empty string or a list of them, got {self.stop!r}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids: expected a list of token ids (ints >= 0), got {self.stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: expected a bool, got {self.ignore_eos!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed: expected an int or None, got {self.seed!r}")
+        _check_int("logprobs", self.logprobs, 0, allow_none=True)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's beam search: keep the ``beam_width`` most likely sequences, at most ``max_tokens`` new tokens;
+    finished beams are ranked by ``cum_logprob / len(tokens) ** length_penalty``."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_int("beam_width", self.beam_width, 1)
+        _check_int("max_tokens", self.max_tokens, 1)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: expected a bool, got {self.ignore_eos!r}")
+        _check_float("length_penalty", self.length_penalty, -math.inf, math.inf)

