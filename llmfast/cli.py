@@ -4,15 +4,94 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 BENCHMARKS = ("norm",)
+
+
+# (flag, SamplingParams field, type): flags left out keep SamplingParams' defaults
+SAMPLING_FLAGS = (("--n", "n", int), ("--temperature", "temperature", float), ("--top-k", "top_k", int),
+                  ("--top-p", "top_p", float), ("--min-p", "min_p", float),
+                  ("--repetition-penalty", "repetition_penalty", float), ("--max-tokens", "max_tokens", int),
+                  ("--min-tokens", "min_tokens", int), ("--seed", "seed", int))
+
+
+def _fail(command: str, exc: BaseException) -> int:
+    print(f"llmfast {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = dict(dtype=args.dtype, device=args.device, quantization=args.quantization, block_size=args.block_size,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  num_kv_blocks=args.num_kv_blocks)
+    return {name: value for name, value in kwargs.items() if value is not None}
 
 
 def _demo(args: argparse.Namespace) -> int:
     from llmfast.demo import main
 
-    main()
+    try:
+        main(args.model, num_prompts=args.num_prompts, max_tokens=args.max_tokens, device=args.device)
+    except (OSError, ValueError) as exc:
+        return _fail("demo", exc)
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from llmfast.engine import LLM, SamplingParams
+
+    given = {field: getattr(args, field) for _, field, _ in SAMPLING_FLAGS if getattr(args, field) is not None}
+    try:
+        params = SamplingParams(**given, stop=args.stop, stop_token_ids=args.stop_token_ids,
+                                ignore_eos=args.ignore_eos)
+        if args.stream and params.n > 1:
+            raise ValueError("--stream prints one completion as it is generated; use --n 1")
+        llm = LLM(args.model, **_engine_kwargs(args))
+        labelled = len(args.prompt) > 1 or params.n > 1
+        if args.stream:
+            for i, prompt in enumerate(args.prompt):
+                if labelled:
+                    print(f"--- prompt {i} ---")
+                for piece in llm.stream(prompt, params):
+                    print(piece.text, end="", flush=True)
+                print()
+            return 0
+        for i, out in enumerate(llm.generate(args.prompt, params, use_tqdm=False)):
+            for completion in out.outputs:
+                if labelled:
+                    print(f"--- prompt {i}, completion {completion.index} ({completion.finish_reason}) ---")
+                print(completion.text)
+    except (OSError, ValueError) as exc:
+        return _fail("generate", exc)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from llmfast.engine import LLM
+        from llmfast.server import serve
+    except ImportError as exc:
+        return _fail("serve", f"{exc}; the server needs `pip install fastapi uvicorn`")
+    try:
+        llm = LLM(args.model, **_engine_kwargs(args))
+    except (OSError, ValueError) as exc:
+        return _fail("serve", exc)
+    serve(llm, args.served_model_name or args.model, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer)")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--dtype", default=None, help="float32, float16, bfloat16 or auto (the checkpoint's)")
+    engine.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    engine.add_argument("--quantization", default=None, choices=("int8", "int4"), help="weight-only quantization")
+    engine.add_argument("--block-size", type=int, default=None, help="tokens per KV-cache block (default 16)")
+    engine.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: from free memory)")
+    engine.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (default 256)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="most tokens in one forward (default 8192)")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -24,17 +103,65 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_ppl(args: argparse.Namespace) -> int:
+    from llmfast.eval import perplexity
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+        ppl = perplexity(args.model, text, args.stride, args.max_length, dtype=args.dtype, device=args.device)
+    except (OSError, ValueError) as exc:
+        return _fail("eval ppl", exc)
+    print(f"{ppl:.6f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmfast", description="GPU kernels and an engine for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run every op on every available backend against the reference")
+    demo = sub.add_parser("demo", help="batched generation (a built-in tiny model by default), then every op "
+                                        "on every available backend against the reference")
+    demo.add_argument("--model", default=None, help="checkpoint folder (default: a small random model, no download)")
+    demo.add_argument("--num-prompts", type=int, default=32, help="requests in the batch (default 32)")
+    demo.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.set_defaults(run=_demo)
+
+    generate = sub.add_parser("generate", help="complete prompts with the engine and print the text")
+    _add_engine_args(generate)
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    sampling = generate.add_argument_group("sampling (vLLM's SamplingParams; default: its defaults)")
+    for flag, field, kind in SAMPLING_FLAGS:
+        sampling.add_argument(flag, dest=field, type=kind, default=None)
+    sampling.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    sampling.add_argument("--stop-token-ids", type=int, nargs="+", default=None)
+    sampling.add_argument("--ignore-eos", action="store_true")
+    generate.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    generate.set_defaults(run=_generate)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs fastapi and uvicorn)")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged at startup)")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(run=_serve)
 
     bench = sub.add_parser("bench", help="benchmark an op family; prints a table, writes JSON + PNG")
     bench.add_argument("name", choices=(*BENCHMARKS, "all"))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark (see --help)")
     bench.set_defaults(run=_bench)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on llmfast's models")
+    metrics = evaluate.add_subparsers(dest="metric", required=True)
+    ppl = metrics.add_parser("ppl", help="perplexity of a text file, sliding window; prints the number")
+    ppl.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer)")
+    ppl.add_argument("--file", required=True, help="UTF-8 text file to score")
+    ppl.add_argument("--max-length", type=int, default=None, help="window length (default: the model's maximum)")
+    ppl.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
+    ppl.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (the checkpoint's)")
+    ppl.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    ppl.set_defaults(run=_eval_ppl)
     return parser
 
 

@@ -27,7 +27,7 @@ class LLM(LLMEngine):
                  | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Completes every prompt (a string, a list of strings, or a list of token-id lists) and returns
         one ``RequestOutput`` per prompt, in prompt order. Every input is checked before anything runs."""
-        requests = self._check_requests(self._parse_prompts(prompts), sampling_params)
+        requests = self.check_requests(self._parse_prompts(prompts), sampling_params)
         seqs = [self.add_request(text, ids, params) for text, ids, params in requests]
         try:
             self._run(seqs, use_tqdm)
@@ -41,7 +41,7 @@ class LLM(LLMEngine):
         Text that might begin a stop string is held back until it is known not to."""
         if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int):
             raise ValueError("prompt: stream() takes one prompt (a string, token ids or a dict), got a list of them")
-        ((text, ids, params),) = self._check_requests(self._parse_prompts(prompt), sampling_params)
+        ((text, ids, params),) = self.check_requests(self._parse_prompts(prompt), sampling_params)
         return self._stream(text, ids, params)  # checked now, queued once iterated
 
     def _stream(self, text: str | None, ids: list[int], params: SamplingParams) -> Iterator[CompletionOutput]:
@@ -50,7 +50,7 @@ class LLM(LLMEngine):
         try:
             while True:
                 for seq in seqs:  # (another call may have run the request meanwhile)
-                    if seq.seq_id not in done and (delta := self._delta(seq)) is not None:
+                    if seq.seq_id not in done and (delta := self.delta(seq)) is not None:
                         if delta.finished():
                             done.add(seq.seq_id)
                         yield delta
@@ -65,7 +65,7 @@ class LLM(LLMEngine):
         """vLLM's beam search over each prompt; ``.sequences`` best first (see ``BeamSearchParams``)."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params: expected a BeamSearchParams, got {type(params).__name__}")
-        requests = self._check_requests(self._parse_prompts(prompts), SamplingParams(max_tokens=1))
+        requests = self.check_requests(self._parse_prompts(prompts), SamplingParams(max_tokens=1))
         return run_beam_search(self, [ids for _, ids, _ in requests], params)
 
     def get_tokenizer(self):
@@ -102,7 +102,7 @@ class LLM(LLMEngine):
             finished=all(s.is_finished for s in group),
         )
 
-    def _delta(self, seq: Sequence) -> CompletionOutput | None:
+    def delta(self, seq: Sequence) -> CompletionOutput | None:
         """What ``seq`` produced since the last call, or None when nothing (and it is not finished)."""
         start = seq.num_prompt_tokens + seq.num_streamed_tokens
         new_tokens = seq.token_ids[start:]
@@ -143,7 +143,9 @@ class LLM(LLMEngine):
                 raise ValueError(f"prompts[{i}]: expected a string or a list of token ids, got {type(prompt).__name__}")
         return parsed
 
-    def _check_requests(self, prompts, sampling_params) -> list[tuple[str | None, list[int], SamplingParams]]:
+    def check_requests(self, prompts, sampling_params) -> list[tuple[str | None, list[int], SamplingParams]]:
+        """Validates parsed prompts and their sampling params before anything runs (ValueError naming the
+        prompt); returns (text or None, token ids, params) per prompt. The server admits requests through it."""
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):

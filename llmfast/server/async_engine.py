@@ -1,0 +1,174 @@
+"""One engine loop for every HTTP connection: continuous batching across requests.
+
+A single asyncio task owns the ``LLM``. Between two steps it admits the requests that arrived (tokenizing
+and checking them, so a bad prompt is refused before anything runs) and applies aborts; each step runs on
+one worker thread (the forward releases the GIL, so the event loop keeps serving connections meanwhile);
+after it, the new pieces of every running request go to that request's asyncio queue. Only this task
+touches the engine and its tokenizer, so nothing in them is ever used from two threads at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from llmfast.engine import LLM, CompletionOutput, SamplingParams
+from llmfast.engine.sequence import Sequence
+
+logger = logging.getLogger("llmfast.server")
+
+
+@dataclass(eq=False)
+class Request:
+    """One HTTP request: its prompts (strings or token ids), all sampled with ``params``."""
+
+    prompts: list[str | list[int]]
+    params: SamplingParams
+    add_special_tokens: bool
+    admitted: asyncio.Future  # set once checked and queued; raises ValueError for a bad prompt
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # (prompt index, CompletionOutput), then None
+    prompt_token_ids: list[list[int]] = field(default_factory=list)
+    seqs: list[list[Sequence]] = field(default_factory=list)  # per prompt, its n sequences
+    done: set[int] = field(default_factory=set)  # seq ids whose last piece was queued
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.seqs) and len(self.done) == sum(len(group) for group in self.seqs)
+
+
+class AsyncEngine:
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self._pending: list[Request] = []  # arrived, not admitted yet
+        self._aborts: list[Request] = []
+        self._running: list[Request] = []
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmfast-engine")
+        self._task: asyncio.Task | None = None
+        self.num_aborted = 0  # requests ended early because their client went away
+        self.peak_running_seqs = 0  # the largest batch of running sequences seen (continuous batching at work)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="llmfast-engine-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)  # a step under way ends before the engine goes away
+
+    async def add(self, prompts: list[str | list[int]], params: SamplingParams,
+                  add_special_tokens: bool = True) -> Request:
+        """Queues a request and waits until the engine loop has checked and admitted it. Raises
+        ValueError (the message names the prompt) for an empty, unknown-token or too long prompt."""
+        loop = asyncio.get_running_loop()
+        request = Request(prompts, params, add_special_tokens, admitted=loop.create_future())
+        self._pending.append(request)
+        self._wake.set()
+        try:
+            await request.admitted
+        except asyncio.CancelledError:  # the client left before its request was admitted
+            self.abort(request)
+            raise
+        return request
+
+    async def results(self, request: Request) -> AsyncIterator[tuple[int, CompletionOutput]]:
+        """The request's new pieces as they come: ``(prompt index, CompletionOutput)`` whose ``text`` and
+        ``token_ids`` hold only what is new; the last piece of each completion has ``finish_reason``."""
+        while (item := await request.queue.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def abort(self, request: Request) -> None:
+        """Ends ``request`` (a no-op once it finished): its sequences and KV blocks are freed between steps."""
+        if not request.aborted and not request.finished:
+            request.aborted = True
+            self._aborts.append(request)
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        scheduler = self.llm.scheduler
+        while True:
+            self._admit()
+            if not scheduler.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await loop.run_in_executor(self._executor, self.llm.step)
+            except Exception as exc:  # the engine's fault, not a client's: fail what runs, keep serving
+                logger.exception("engine step failed")
+                self._fail_running(RuntimeError(f"the engine failed: {exc}"))
+                continue
+            self.peak_running_seqs = max(self.peak_running_seqs, len(scheduler.running))
+            self._publish()
+
+    def _admit(self) -> None:
+        for request in self._aborts:
+            if request in self._running:
+                self._running.remove(request)
+                self.llm.abort([seq for group in request.seqs for seq in group])
+                request.queue.put_nowait(None)
+                self.num_aborted += 1
+        self._aborts.clear()
+        pending, self._pending = self._pending, []
+        for request in pending:
+            if request.aborted:
+                continue
+            try:
+                checked = self.llm.check_requests([self._tokenize(p, request.add_special_tokens)
+                                                    for p in request.prompts], [request.params] * len(request.prompts))
+                self._check_length([ids for _, ids, _ in checked], request.params.max_tokens)
+                request.prompt_token_ids = [ids for _, ids, _ in checked]
+                for text, ids, params in checked:
+                    request.seqs.append(self.llm.add_request(text, ids, params))
+            except Exception as exc:
+                self.llm.abort([seq for group in request.seqs for seq in group])
+                if not isinstance(exc, ValueError):  # a bug of ours: this request fails, the loop keeps serving
+                    logger.exception("admitting a request failed")
+                    exc = RuntimeError(f"the engine failed: {exc}")
+                request.admitted.set_exception(exc)
+                continue
+            self._running.append(request)
+            request.admitted.set_result(None)
+
+    def _tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> tuple[str | None, list[int]]:
+        if not isinstance(prompt, str):
+            return None, list(prompt)
+        if not prompt:
+            raise ValueError("prompt: the prompt is empty")
+        if self.llm.tokenizer is None:
+            raise ValueError("prompt: this model has no tokenizer; send token ids instead of text")
+        return prompt, list(self.llm.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
+
+    def _check_length(self, prompt_token_ids: list[list[int]], max_tokens: int | None) -> None:
+        """vLLM's rule: the prompt and ``max_tokens`` together must fit the model's length."""
+        limit = self.llm.max_model_len
+        for ids in prompt_token_ids:
+            if max_tokens is not None and len(ids) + max_tokens > limit:
+                raise ValueError(f"this model's maximum context length is {limit} tokens, but {len(ids) + max_tokens}"
+                                 f" were requested ({len(ids)} in the prompt, {max_tokens} in the completion)")
+
+    def _publish(self) -> None:
+        """Queues each running request's new pieces; a request whose completions all ended leaves."""
+        for request in list(self._running):
+            for index, group in enumerate(request.seqs):
+                for seq in group:
+                    if seq.seq_id not in request.done and (delta := self.llm.delta(seq)) is not None:
+                        if delta.finished():
+                            request.done.add(seq.seq_id)
+                        request.queue.put_nowait((index, delta))
+            if request.finished:
+                self._running.remove(request)
+                request.queue.put_nowait(None)
+
+    def _fail_running(self, error: Exception) -> None:
+        for request in self._running:
+            self.llm.abort([seq for group in request.seqs for seq in group])
+            request.queue.put_nowait(error)
+        self._running.clear()

@@ -1,0 +1,195 @@
+"""The OpenAI wire format as vLLM serves it: request bodies (pydantic, strict types), their sampling
+parameters, and the JSON of responses, stream chunks and errors.
+
+Types are strict (``"0.5"`` is not a number, ``1.0`` not an int), so a client's mistake is answered with a
+400 naming the field instead of being coerced; ranges are checked by ``SamplingParams`` itself.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from llmfast.engine import CompletionOutput, Logprob, SamplingParams
+
+# what a union-typed field expects, in words (pydantic reports one error per member of the union)
+EXPECTED = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "messages": "a list of {role, content} objects",
+    "content": "a string or a list of {type: text, text} parts",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True)  # unknown fields are ignored, as vLLM does
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """The body fields that both endpoints share: OpenAI's and vLLM's extra ones."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extra body fields
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """``SamplingParams`` from the fields that were given (the others keep its defaults); raises
+        ValueError naming the field for out-of-range values and for what llmfast does not support."""
+        if self.logit_bias:
+            raise ValueError("logit_bias: not supported by llmfast")
+        if self.seed is not None and not 0 <= self.seed < 2**63:  # torch generators take 64-bit seeds
+            raise ValueError(f"seed: expected an int in [0, 2**63), got {self.seed}")
+        names = ("n", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed", "top_k",
+                 "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids")
+        given = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one string or token-id list each."""
+        if self.echo or self.suffix is not None:
+            raise ValueError(f"{'echo' if self.echo else 'suffix'}: not supported by llmfast")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of: only best_of == n is supported, got best_of={self.best_of}, n={self.n}")
+        prompt = self.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt: the list of prompts is empty")
+        return prompts
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # tool calls and the like reach the template
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template reads it; text parts are joined with newlines (as vLLM)."""
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            if any(part.type != "text" or part.text is None for part in self.content):
+                raise ValueError("messages: only text content parts ({type: text, text}) are supported")
+            message["content"] = "\n".join(part.text for part in self.content)
+        return message
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True  # vLLM's extra field
+
+    def max_new_tokens(self) -> int | None:
+        """``max_completion_tokens`` or else ``max_tokens``; None: up to the model's maximum length."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs=true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict:
+    kind = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError"}.get(status)
+    return {"error": {"message": message, "type": kind or ("InternalServerError" if status >= 500 else "Error"),
+                      "param": param, "code": status}}
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One readable message (and the offending field) from pydantic's errors about a request body."""
+    error = errors[0]
+    loc = [str(part) for part in error["loc"] if part != "body"]
+    if error["type"] == "json_invalid":
+        return f"the request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}", None
+    if not loc:
+        return "the request body must be a JSON object", None
+    field = loc[0]
+    if error["type"] == "missing":
+        return f"{'.'.join(loc)}: this field is required", field
+    got = error.get("input")
+    union = next((part for part in reversed(loc) if part in EXPECTED), None)
+    if union is not None:
+        path = ".".join(loc[:loc.index(union) + 1])
+        return f"{path}: expected {EXPECTED[union]}, got {got!r}", field
+    return f"{'.'.join(loc)}: {error['msg'].lower()}, got {got!r}", field
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(out: CompletionOutput, text_offset: int) -> dict | None:
+    """OpenAI's legacy ``{tokens, token_logprobs, top_logprobs, text_offset}`` of ``out``'s tokens; the
+    engine's entries hold the sampled token and the top ones."""
+    if out.logprobs is None:
+        return None
+    tokens = [entries[token].decoded_token or "" for token, entries in zip(out.token_ids, out.logprobs)]
+    offsets = [text_offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens,
+            "token_logprobs": [entries[token].logprob for token, entries in zip(out.token_ids, out.logprobs)],
+            "top_logprobs": [{(p.decoded_token or ""): p.logprob for p in entries.values()}
+                             for entries in out.logprobs],
+            "text_offset": offsets}
+
+
+def chat_logprobs(out: CompletionOutput, top: int) -> dict | None:
+    """OpenAI's chat ``{content: [{token, logprob, bytes, top_logprobs}]}`` of ``out``'s tokens."""
+    if out.logprobs is None:
+        return None
+
+    def entry(p: Logprob) -> dict:
+        text = p.decoded_token or ""
+        return {"token": text, "logprob": p.logprob, "bytes": list(text.encode())}
+
+    return {"content": [
+        {**entry(entries[token]),
+         "top_logprobs": [entry(p) for p in sorted(entries.values(), key=lambda p: p.rank) if p.rank <= top]}
+        for token, entries in zip(out.token_ids, out.logprobs)]}
+
+
+def envelope(kind: str, request_id: str, model: str, choices: list[dict], created: int | None = None) -> dict:
+    return {"id": request_id, "object": kind, "created": created or int(time.time()), "model": model,
+            "choices": choices}

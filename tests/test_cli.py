@@ -1,0 +1,94 @@
+"""The `llmfast` command: `generate` (whole and streamed) prints what ``LLM.generate`` makes, `demo` runs on
+its embedded model in well under a minute, and bad arguments end with exit status 2 and a message.
+(`eval ppl` is tested in test_eval.py, `serve` in test_server.py.)"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llmfast import cli
+from llmfast.engine import LLM, SamplingParams
+
+pytest.importorskip("transformers")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from llmfast.demo import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), hidden_size=64, num_layers=2,
+                                 max_position_embeddings=128)
+
+
+def llmfast(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "llmfast", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_generate_prints_the_engine_text(checkpoint, stream):
+    expected = LLM(checkpoint).generate(PROMPT, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                        use_tqdm=False)[0].outputs[0].text
+    result = llmfast("generate", "--model", checkpoint, "--prompt", PROMPT, "--temperature", 0, "--max-tokens", 12,
+                     "--ignore-eos", *(["--stream"] if stream else []))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_generate_sampling_flags_and_batches(checkpoint, capsys):
+    args = ["generate", "--model", str(checkpoint), "--prompt", "a", "--prompt", "b", "--n", "2", "--seed", "5",
+            "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9", "--min-p", "0.01", "--max-tokens", "6",
+            "--stop", "zz", "--stop", "yy"]
+    params = SamplingParams(n=2, seed=5, temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, max_tokens=6,
+                            stop=["zz", "yy"])
+    expected = LLM(checkpoint).generate(["a", "b"], params, use_tqdm=False)
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    for i, request in enumerate(expected):
+        for c in request.outputs:
+            assert f"--- prompt {i}, completion {c.index} ({c.finish_reason}) ---\n{c.text}\n" in out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--top-p", "2"], "top_p"),
+    (["--n", "2", "--stream"], "--stream"),
+    (["--max-tokens", "0"], "max_tokens"),
+])
+def test_generate_reports_bad_arguments(checkpoint, capsys, extra, message):
+    assert cli.main(["generate", "--model", str(checkpoint), "--prompt", "a", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_and_serve_report_a_missing_checkpoint(tmp_path, capsys):
+    assert cli.main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "a"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", str(tmp_path / "missing")]) == 2  # (or fastapi is not installed)
+    assert "llmfast serve: error:" in capsys.readouterr().err
+
+
+def test_demo_runs_on_the_embedded_model_in_well_under_a_minute():
+    start = time.monotonic()
+    result = llmfast("demo")
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr
+    assert "output tok/s" in result.stdout and "32 requests" in result.stdout
+    assert "Processed prompts" in result.stderr  # the progress bar
+    assert "max |err| vs reference" in result.stdout and "add_rms_norm" in result.stdout
+    assert elapsed < 45, f"llmfast demo took {elapsed:.0f} s"
+
+
+def test_demo_runs_on_a_checkpoint(checkpoint, capsys):
+    assert cli.main(["demo", "--model", str(checkpoint), "--num-prompts", "3", "--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"model: {checkpoint}" in out and "3 requests" in out and "max |err| vs reference" in out
+
+
+@pytest.mark.skipif(shutil.which("llmfast") is None, reason="the package is not installed (no console script)")
+def test_console_script():
+    result = subprocess.run(["llmfast", "--help"], capture_output=True, text=True, timeout=60, env=ENV)
+    assert result.returncode == 0 and all(c in result.stdout for c in ("demo", "generate", "serve", "bench", "eval"))

@@ -1,0 +1,132 @@
+"""llmfast.eval.perplexity against Hugging Face transformers: a tiny random checkpoint with a tiny word-level
+tokenizer, both built offline; exp(HF's mean loss) over the same sliding windows, to 1e-4 relative."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmfast import cli
+from llmfast import eval as llmfast_eval
+from llmfast.eval import perplexity, sliding_windows
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every checkpoint here is local; never reach the Hub
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+SENTENCES = [
+    "the cat sits on the mat and looks at the dog",
+    "a quick brown fox jumps over the lazy dog near the river",
+    "kernels fuse the residual add into the norm of the layer",
+    "the model reads the text one window at a time",
+]
+TEXT = " ".join(SENTENCES * 2)  # 88 words
+VOCAB = 64
+FAMILIES = {
+    "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1),
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                 bos_token_id=1, eos_token_id=1),
+}
+
+
+def save_tokenizer(folder):
+    """A word-level tokenizer trained on SENTENCES that adds a [BOS] before each text, as Llama's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[BOS]"]))
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    assert tok.get_vocab_size() <= VOCAB
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]").save_pretrained(
+        folder)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    config = transformers.AutoConfig.for_model(**FAMILIES[request.param])
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # far from uniform predictions, so that a wrong token shows
+    hf.save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder, hf
+
+
+def hf_perplexity(hf, token_ids, stride, max_length):
+    """exp of HF's losses over the recipe's windows, each weighted by the number of tokens it scored."""
+    nll, count = 0.0, 0
+    for begin, end, first in sliding_windows(len(token_ids), stride, max_length):
+        input_ids = torch.tensor(token_ids[begin:end])[None]
+        labels = input_ids.clone()
+        labels[:, : first - begin] = -100
+        scored = int((labels[:, 1:] != -100).sum())  # the model shifts the labels by one
+        with torch.no_grad():
+            nll += hf(input_ids=input_ids, labels=labels).loss.item() * scored
+        count += scored
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("stride,max_length", [(8, 16), (16, 16), (5, 32), (1, 3)])
+def test_perplexity_matches_hf(checkpoint, stride, max_length):
+    folder, hf = checkpoint
+    token_ids = transformers.AutoTokenizer.from_pretrained(folder)(TEXT)["input_ids"]
+    assert token_ids[0] == 1 and len(token_ids) == 1 + len(TEXT.split())
+    expected = hf_perplexity(hf, token_ids, stride, max_length)
+    assert perplexity(folder, TEXT, stride, max_length) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("num_tokens,stride,max_length", [(89, 8, 16), (10, 3, 4), (5, 1, 2), (2, 7, 7), (89, 16, 16)])
+def test_windows_score_each_token_once(num_tokens, stride, max_length):
+    windows = sliding_windows(num_tokens, stride, max_length)
+    scored = [t for _, end, first in windows for t in range(first, end)]
+    assert all(end - begin <= max_length for begin, end, _ in windows) and windows[-1][1] == num_tokens
+    if stride < max_length:  # overlapping windows: every token but the text's first
+        assert scored == list(range(1, num_tokens))
+    else:  # disjoint windows: a window's first token has no context in it, so it is not scored (as HF's recipe)
+        assert scored == [t for t in range(num_tokens) if t % stride != 0]
+
+
+def test_packing_windows_into_several_forwards_changes_nothing(checkpoint, monkeypatch):
+    folder, _ = checkpoint
+    one_forward = perplexity(folder, TEXT, 4, 16)
+    monkeypatch.setattr(llmfast_eval, "TOKENS_PER_FORWARD", 20)
+    monkeypatch.setattr(llmfast_eval, "LOGIT_ROWS", 3)
+    assert perplexity(folder, TEXT, 4, 16) == pytest.approx(one_forward, rel=1e-6)
+
+
+@pytest.mark.parametrize("stride,max_length,message", [
+    (0, 16, "stride"), (17, 16, "stride"), (8, 33, "max_length"), (8, 0, "max_length"),
+])
+def test_bad_windows_are_refused(checkpoint, stride, max_length, message):
+    with pytest.raises(ValueError, match=message):
+        perplexity(checkpoint[0], TEXT, stride, max_length)
+
+
+@pytest.mark.parametrize("checkpoint", ["llama"], indirect=True)  # one run: the command takes seconds to start
+def test_cli_prints_the_perplexity(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    command = [sys.executable, "-m", "llmfast", "eval", "ppl", "--model", str(folder), "--file", str(text_file),
+               "--stride", "8", "--max-length", "16"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) == pytest.approx(perplexity(folder, TEXT, 8, 16), rel=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint", ["llama"], indirect=True)
+def test_cli_reports_bad_arguments(checkpoint, tmp_path, capsys):
+    folder, _ = checkpoint
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    assert cli.main(["eval", "ppl", "--model", str(folder), "--file", str(text_file), "--max-length", "99"]) == 2
+    assert "max_length" in capsys.readouterr().err
+    assert cli.main(["eval", "ppl", "--model", str(folder), "--file", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err

@@ -1,0 +1,268 @@
+"""`llmfast serve` as a subprocess on 127.0.0.1 (it picks a free port itself and logs it), over a tiny random
+checkpoint with a chat template: the official openai client for completions, chat and streaming, compared
+with offline ``LLM.generate``; raw HTTP for malformed bodies (400 with the error body, and the server keeps
+serving), an unknown model (404), 64 concurrent requests batched together, and clients that disconnect
+(their requests are aborted and leave no KV block behind)."""
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llmfast.engine import LLM, SamplingParams
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("transformers")
+
+MODEL = "tiny-qwen3"
+MAX_LEN = 1024
+STARTUP_S = 90
+PROMPTS = ["The quick brown fox", "Paged attention keeps keys", "A scheduler batches requests", "Héllo wörld",
+           "Once upon a time", "Kernels fuse the residual add"]
+GREEDY = dict(temperature=0, max_tokens=10, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from llmfast.demo import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), hidden_size=64, num_layers=2,
+                                 max_position_embeddings=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return LLM(checkpoint)
+
+
+def _wait_until_serving(proc, log) -> str:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()}")
+        match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())
+        if match and httpx.get(match.group(1) + "/health", timeout=5).status_code == 200:
+            return match.group(1)
+        time.sleep(0.2)
+    pytest.fail(f"the server did not start within {STARTUP_S} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """The server's base URL; it is shut down after the module's tests, whatever happened."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [sys.executable, "-m", "llmfast", "serve", "--model", str(checkpoint), "--host", "127.0.0.1",
+               "--port", "0", "--served-model-name", MODEL]  # port 0: uvicorn's startup line names the port
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        yield _wait_until_serving(proc, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def health(server) -> dict:
+    response = httpx.get(server + "/health", timeout=10)
+    assert response.status_code == 200
+    return response.json()
+
+
+def wait_idle(server, aborted: int | None = None, timeout_s: float = 30) -> dict:
+    """/health once nothing runs and every block is free (and ``aborted`` requests were aborted)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = health(server)
+        idle = state["num_running_seqs"] == state["num_waiting_seqs"] == 0
+        if idle and state["num_free_kv_blocks"] == state["num_kv_blocks"] and (
+                aborted is None or state["num_aborted_requests"] >= aborted):
+            return state
+        assert time.monotonic() < deadline, f"the server did not settle: {state}"
+        time.sleep(0.1)
+
+
+def test_models_and_health(server, client, llm):
+    assert [(m.id, m.object) for m in client.models.list().data] == [(MODEL, "model")]
+    state = health(server)
+    assert state["status"] == "ok" and state["num_kv_blocks"] > 0
+
+
+def test_completions_equal_offline_generate(client, llm):
+    offline_params = SamplingParams(n=2, temperature=0, max_tokens=10, ignore_eos=True)
+    for prompts in ([PROMPTS[0], PROMPTS[5]], [[5, 17, 3, 99], [8, 1]]):  # texts, then token ids
+        response = client.completions.create(model=MODEL, prompt=prompts, n=2, **GREEDY)
+        offline = llm.generate(prompts, offline_params, use_tqdm=False)
+        assert [c.index for c in response.choices] == [0, 1, 2, 3]  # prompt-major, as OpenAI's
+        for choice in response.choices:
+            expected = offline[choice.index // 2].outputs[choice.index % 2]
+            assert choice.text == expected.text and choice.finish_reason == "length"
+        assert response.usage.prompt_tokens == sum(len(out.prompt_token_ids) for out in offline)
+        assert response.usage.completion_tokens == 4 * 10
+        assert response.usage.total_tokens == response.usage.prompt_tokens + 40
+
+
+def test_streamed_text_equals_the_whole_response(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPTS[1], **GREEDY)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[1], stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
+
+
+def test_sse_framing_ends_with_done(server):
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
+    assert all(json.loads(line[6:])["object"] == "text_completion" for line in events[:-1])
+
+
+def test_chat_renders_the_template_without_adding_special_tokens_again(client, llm):
+    tokenizer = llm.tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[3]}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert ids.count(tokenizer.bos_token_id) == 1  # the template's bos; adding special tokens would double it
+    response = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    offline = llm.generate([ids], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    assert response.usage.prompt_tokens == len(ids)
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == offline[0].outputs[0].text
+    # content given as text parts is the same conversation
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, messages[1]]
+    again = client.chat.completions.create(model=MODEL, messages=parts, **GREEDY)
+    assert again.choices[0].message.content == response.choices[0].message.content
+
+
+def test_vllm_extra_fields_and_logprobs(client, llm):
+    extra = dict(top_k=20, min_p=0.01, repetition_penalty=1.2, min_tokens=4, ignore_eos=True, stop_token_ids=[7])
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[4], temperature=0.9, top_p=0.95, seed=1234,
+                                         max_tokens=12, logprobs=2, extra_body=extra)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12, logprobs=2, **extra)
+    expected = llm.generate(PROMPTS[4], params, use_tqdm=False)[0].outputs[0]
+    choice = response.choices[0]
+    assert choice.text == expected.text and choice.finish_reason == expected.finish_reason
+    assert len(choice.logprobs.tokens) == len(expected.token_ids) == response.usage.completion_tokens
+    for got, entries, token in zip(choice.logprobs.token_logprobs, expected.logprobs, expected.token_ids):
+        assert got == pytest.approx(entries[token].logprob, abs=1e-4)
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True,
+                                          top_logprobs=3, **GREEDY)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 10 and all(len(entry.top_logprobs) == 3 for entry in content)
+    assert all(entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) for entry in content)  # greedy
+
+
+BAD_BODIES = {
+    "malformed json": b'{"model": "tiny-qwen3", "prompt": ',
+    "not an object": b"[1, 2]",
+    "missing prompt": {"model": MODEL},
+    "prompt of wrong type": {"prompt": 5},
+    "temperature as string": {"prompt": "x", "temperature": "hot"},
+    "max_tokens as float": {"prompt": "x", "max_tokens": 1.5},
+    "negative temperature": {"prompt": "x", "temperature": -1},
+    "top_p out of range": {"prompt": "x", "top_p": 2},
+    "n zero": {"prompt": "x", "n": 0},
+    "bad top_k": {"prompt": "x", "top_k": -3},
+    "stop of wrong type": {"prompt": "x", "stop": [1]},
+    "stream as string": {"prompt": "x", "stream": "yes"},
+    "empty prompt": {"prompt": ""},
+    "token outside the vocabulary": {"prompt": [1, 10**6]},
+    "prompt too long": {"prompt": [3] * (MAX_LEN + 1)},
+    "prompt and max_tokens too long": {"prompt": [3] * 100, "max_tokens": MAX_LEN},
+    "seed out of range": {"prompt": "x", "seed": 2**70},
+}
+BAD_CHAT_BODIES = {
+    "missing messages": {"model": MODEL},
+    "messages as string": {"messages": "hi"},
+    "no messages": {"messages": []},
+    "message without role": {"messages": [{"content": "hi"}]},
+    "image content": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    "top_logprobs without logprobs": {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+}
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", b) for b in BAD_BODIES.values()]
+                         + [("/v1/chat/completions", b) for b in BAD_CHAT_BODIES.values()],
+                         ids=[*BAD_BODIES, *BAD_CHAT_BODIES])
+def test_bad_requests_answer_400_and_the_server_keeps_serving(server, client, path, body):
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
+    response = httpx.post(server + path, timeout=30, **kwargs)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == 400 and error["type"] == "BadRequestError" and error["message"]
+    assert client.completions.create(model=MODEL, prompt="still", max_tokens=2).choices[0].text is not None
+
+
+def test_unknown_model_is_404(server, client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    response = httpx.post(server + "/v1/chat/completions", timeout=30,
+                          json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 404 and response.json()["error"]["code"] == 404
+    assert httpx.get(server + "/v1/nowhere", timeout=10).json()["error"]["code"] == 404
+
+
+def test_64_concurrent_requests_are_batched_and_equal_offline_generate(server, llm):
+    prompts = [f"{i}: {PROMPTS[i % len(PROMPTS)]}" + " more" * (i % 7) for i in range(64)]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=90) as aclient:
+            calls = [aclient.completions.create(model=MODEL, prompt=p, temperature=0, max_tokens=8) for p in prompts]
+            return await asyncio.wait_for(asyncio.gather(*calls), timeout=120)
+
+    responses = asyncio.run(run())
+    offline = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    for response, expected in zip(responses, offline):
+        assert response.choices[0].text == expected.outputs[0].text
+        assert response.choices[0].finish_reason == expected.outputs[0].finish_reason
+        assert response.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert len({r.choices[0].text for r in responses}) > 1
+    state = wait_idle(server)
+    assert state["peak_running_seqs"] > 1  # requests from different connections shared steps
+
+
+def test_clients_that_disconnect_are_aborted_and_free_their_blocks(server):
+    aborted = health(server)["num_aborted_requests"]
+    long = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_LEN - 32, "ignore_eos": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server + "/v1/completions", json={**long, "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            assert health(server)["num_running_seqs"] == 1
+    # the stream was closed after its first chunk
+    wait_idle(server, aborted=aborted + 1)
+    # a non-streaming client that gives up waiting
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/chat/completions", timeout=httpx.Timeout(30, read=0.3),
+                   json={**{k: v for k, v in long.items() if k != "prompt"},
+                         "messages": [{"role": "user", "content": PROMPTS[1]}]})
+    wait_idle(server, aborted=aborted + 2)
