@@ -344,3 +344,22 @@ def test_bad_dtype_and_forward_inputs_are_refused(llama_folder):
         model(ids[:1], torch.arange(1), decode)
     with pytest.raises(ValueError, match="kv_caches: expected 2"):
         model(ids[:1], torch.arange(1), decode, kv_caches=[])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", list(DECODERS))
+def test_bf16_on_gpu_within_twice_the_error_of_hf_bf16(tmp_path, family):
+    from helpers import assert_close_2x
+
+    hf = tiny_checkpoint(tmp_path, **DECODERS[family])
+    seqs = [torch.randint(0, VOCAB, (n,)) for n in (31, 7, 20)]  # within mistral's sliding window
+    oracle = torch.cat(hf_logits(hf, seqs))  # float32 on the CPU
+    peer = torch.cat(hf_logits(hf.to("cuda", torch.bfloat16), [s.cuda() for s in seqs])).cpu()
+    model = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    meta = AttentionMetadata.prefill([len(s) for s in seqs], "cuda")
+    positions = torch.cat([torch.arange(len(s)) for s in seqs]).cuda()
+    with torch.no_grad():
+        out = model.compute_logits(model(torch.cat(seqs).cuda(), positions, meta)).cpu()
+    assert out.dtype == torch.bfloat16
+    assert_close_2x(out, peer, oracle)
