@@ -91,6 +91,31 @@ def test_paged_attention(backend, dtype, chunked, block_size, shape):
     assert_close_2x(out, peer, ref, slack_ulps=SLACK_ULPS[dtype])
 
 
+@pytest.mark.parametrize("head_major", [False, True], ids=["slot_major", "head_major"])
+@pytest.mark.parametrize("block_size", [64, 256])
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked_prefill"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_attention_large_blocks_and_strided_cache(backend, dtype, chunked, block_size, head_major):
+    """Blocks up to 256 tokens, head_dim 80, and caches stored head-major (a strided view of the layout)."""
+    require_backend(backend, "paged_attention")
+    contexts, head_dim = [1, block_size - 1, block_size + 3, 2 * block_size + 17], 80
+    k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, block_size, 2, head_dim, dtype)
+    if head_major:
+        # (num_blocks, kv_heads, block_size, head_dim) in memory, seen as (num_blocks, block_size, kv_heads, head_dim)
+        k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache))
+    query_lens = [1, 7, block_size // 2 + 1, 40] if chunked else [1] * len(contexts)
+    q_seqs = [_randn(n, 8, head_dim, dtype=dtype) for n in query_lens]
+    cu_seqlens_q = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0).to(torch.int32) if chunked else None
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    out = paged_attention(
+        torch.cat(q_seqs), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q, backend=backend
+    )
+    ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
+    peer = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False)
+    assert_close_2x(out, peer, ref, slack_ulps=SLACK_ULPS[dtype])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_paged_attention_softmax_scale_and_empty_context(backend):
     require_backend(backend, "paged_attention")
@@ -107,19 +132,25 @@ def test_paged_attention_softmax_scale_and_empty_context(backend):
         assert_close_2x(out[i : i + 1], peer, ref, slack_ulps=16.0)
 
 
+@pytest.mark.parametrize("head_major", [False, True], ids=["slot_major", "head_major"])
 @pytest.mark.parametrize("kv_heads", [1, 2, 8])
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_write_kv_cache(backend, dtype, block_size, kv_heads):
+def test_write_kv_cache(backend, dtype, block_size, kv_heads, head_major):
     require_backend(backend, "write_kv_cache")
     num_blocks, tokens, head_dim = 64 // block_size + 3, 37, 64
     k, v = _randn(tokens, kv_heads, head_dim, dtype=dtype), _randn(tokens, kv_heads, head_dim, dtype=dtype)
     slots = torch.randperm(num_blocks * block_size)[:tokens]
     slots[::5] = -1  # padding tokens: skipped
     slot_mapping = slots.to(DEVICE)
-    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full_like(k_cache, float("nan"))
+    if head_major:  # a strided view of the layout, written in place through its strides
+        shape = (num_blocks, kv_heads, block_size, head_dim)
+        k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
+        v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
+    else:
+        k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+        v_cache = torch.full_like(k_cache, float("nan"))
     k_expected, v_expected = k_cache.clone(), v_cache.clone()
     for t, slot in enumerate(slots.tolist()):
         if slot != -1:

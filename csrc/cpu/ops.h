@@ -35,4 +35,18 @@ at::Tensor quant_matmul_cpu(
     const std::optional<at::Tensor>& bias,
     c10::string_view isa);
 
+// Paged KV cache (llmfast.ops.paged). k, v: (tokens, kv_heads, head_dim) contiguous; k_cache, v_cache:
+// (num_blocks, block_size, kv_heads, head_dim), same dtype and strides, unit head_dim stride; slot_mapping:
+// int64 (tokens,) contiguous, -1 skips a token. Writes the caches in place.
+void write_kv_cache_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& slot_mapping);
+
+// q: (total_q, heads, head_dim) contiguous float32/float16/bfloat16; caches as write_kv_cache_cpu;
+// block_tables: int32 (num_seqs, max_blocks); context_lens: int32 (num_seqs,); cu_seqlens_q: int32
+// (num_seqs+1,) or None for decode (one query per sequence). Inputs validated by llmfast.ops.paged.
+// Returns o: like q.
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& block_tables, const at::Tensor& context_lens,
+                               const std::optional<at::Tensor>& cu_seqlens_q, double softmax_scale);
+
 }  // namespace llmfast

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from llmfast import _ext
 from llmfast.backends import register, select
 from llmfast.ops._checks import (
     FLOAT_DTYPES,
@@ -60,6 +61,34 @@ def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
                 f"slot_mapping: expected slots in [0, {num_slots}) (num_blocks * block_size) or -1, "
                 f"got values from {lo} to {hi}"
             )
+
+
+# C++ CPU kernels (csrc/cpu/paged.cpp): torch custom ops with fakes, so torch.compile(fullgraph=True)
+# treats each as one opaque node. They are registered first, so "auto" prefers them on CPU tensors.
+if _ext.has_op("write_kv_cache_cpu"):
+    @torch.library.register_fake("llmfast::write_kv_cache_cpu")
+    def _(k, v, k_cache, v_cache, slot_mapping):
+        return None
+
+    @torch.library.register_fake("llmfast::paged_attention_cpu")
+    def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale):
+        return torch.empty_like(q)
+
+
+def _cxx_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the C++ kernels can address the caches: unit head_dim stride, both strided alike."""
+    return k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+
+
+@register("write_kv_cache", "cpu", needs="write_kv_cache_cpu")
+def _write_kv_cache_cpu(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    if not _cxx_cache_layout(k_cache, v_cache):
+        # the caches are written in place, so a layout the kernel cannot address goes the reference's way
+        write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
+        return
+    torch.ops.llmfast.write_kv_cache_cpu(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous())
 
 
 @register("write_kv_cache", "reference")
@@ -184,6 +213,27 @@ def _check_paged_attention_inputs(
     if softmax_scale is None:
         softmax_scale = head_dim**-0.5
     return check_positive_float("softmax_scale", softmax_scale), max_seqlen_q
+
+
+@register("paged_attention", "cpu", needs="paged_attention_cpu")
+def _paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None,
+    max_seqlen_q: int | None,
+    softmax_scale: float,
+) -> torch.Tensor:
+    if not _cxx_cache_layout(k_cache, v_cache):
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    cu_seqlens_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
+    return torch.ops.llmfast.paged_attention_cpu(
+        q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), cu_seqlens_q,
+        softmax_scale,
+    )
 
 
 @register("paged_attention", "reference")
