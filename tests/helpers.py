@@ -73,3 +73,18 @@ def attention_ref(q, k, v, *, causal=False, softmax_scale=None, upcast=True):
     scores = torch.einsum("bqhd,bkhd->bhqk", q * scale, k).masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(dim=-1)[:, None], 0)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def tiny_decoder_configs(vocab_size):
+    """transformers config kwargs of a tiny random model per decoder family llmfast implements."""
+    llama_like = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return {
+        "llama": dict(model_type="llama", **llama_like),
+        "mistral": dict(model_type="mistral", **llama_like, sliding_window=32),
+        "qwen2": dict(model_type="qwen2", **llama_like, tie_word_embeddings=True),
+        "qwen3": dict(model_type="qwen3", **llama_like, head_dim=32),
+        # no dropout: training-mode tests compare gradients exactly
+        "gpt2": dict(model_type="gpt2", vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                     bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+    }

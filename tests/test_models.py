@@ -11,24 +11,14 @@ from safetensors.torch import load_file, save_file
 
 from llmfast.models import AttentionMetadata, load_model, padded_forward
 from llmfast.models.llama import LlamaConfig
+from helpers import assert_close_2x, tiny_decoder_configs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every checkpoint here is local; never reach the Hub
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
 VOCAB = 1000
-_LLAMA_LIKE = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-)
-DECODERS = {
-    "llama": dict(model_type="llama", **_LLAMA_LIKE),
-    "mistral": dict(model_type="mistral", **_LLAMA_LIKE, sliding_window=32),
-    "qwen2": dict(model_type="qwen2", **_LLAMA_LIKE, tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", **_LLAMA_LIKE, head_dim=32),
-    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                 bos_token_id=0, eos_token_id=0),
-}
+DECODERS = tiny_decoder_configs(VOCAB)
 ROPE_SCALING = {  # with seqlen 40, each changes the frequencies that positions past 16 see
     "linear": ({"rope_type": "linear", "factor": 2.0}, 64),
     "dynamic": ({"rope_type": "dynamic", "factor": 2.0}, 16),
@@ -350,8 +340,6 @@ def test_bad_dtype_and_forward_inputs_are_refused(llama_folder):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", list(DECODERS))
 def test_bf16_on_gpu_within_twice_the_error_of_hf_bf16(tmp_path, family):
-    from helpers import assert_close_2x
-
     hf = tiny_checkpoint(tmp_path, **DECODERS[family])
     seqs = [torch.randint(0, VOCAB, (n,)) for n in (31, 7, 20)]  # within mistral's sliding window
     oracle = torch.cat(hf_logits(hf, seqs))  # float32 on the CPU

@@ -9,7 +9,7 @@ import torch
 
 from llmfast.nn import FusedAddLayerNorm, LayerNorm, RMSNorm
 from llmfast.patch import SUPPORTED, patch
-from helpers import assert_close_2x
+from helpers import assert_close_2x, tiny_decoder_configs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built from a config; never reach the Hub
 transformers = pytest.importorskip("transformers")
@@ -17,16 +17,8 @@ sdpa_attention = pytest.importorskip("transformers.integrations.sdpa_attention")
 
 ATOL = 1e-4
 VOCAB = 100
-_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-_NO_DROPOUT = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
 FAMILIES = {
-    "llama": dict(model_type="llama", **_LLAMA_LIKE),
-    "mistral": dict(model_type="mistral", **_LLAMA_LIKE, sliding_window=32),
-    "qwen2": dict(model_type="qwen2", **_LLAMA_LIKE, tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", **_LLAMA_LIKE, head_dim=32),
-    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                 bos_token_id=0, eos_token_id=0, **_NO_DROPOUT),
+    **tiny_decoder_configs(VOCAB),
     "bert": dict(model_type="bert", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
                  attention_probs_dropout_prob=0.0),
