@@ -5,6 +5,7 @@ once; kernels never pick backends or read the environment themselves.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Callable
@@ -38,6 +39,12 @@ def register(op: str, backend: str, *, needs: str | None = None) -> Callable[[Ca
     return decorate
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # find_spec walks sys.path (~30 us); this runs on every op call that considers triton
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -50,7 +57,7 @@ def _missing(op: str, backend: str, device: torch.device | None) -> str | None:
         return f"llmfast has no {backend!r} implementation of {op} (it has: {have})"
     needs = impls[backend][1]
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return "the triton package is not installed"
         on_cpu = device is not None and device.type == "cpu"
         if on_cpu and not _triton_interpreting():
