@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -26,6 +27,8 @@ COPY_TB_S = 3.0
 BF16_TFLOPS = 760.0
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Smoke runs (tests, `--quick` checks) point this elsewhere so they never touch the committed results.
+RESULTS_DIR_ENV = "LLMFAST_RESULTS_DIR"
 
 
 def default_device() -> torch.device:
@@ -144,8 +147,9 @@ def run_metadata(device: torch.device | str | None = None, packages: Sequence[st
 
 
 def results_path(name: str, suffix: str, device: torch.device | str | None = None) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    return RESULTS_DIR / f"{gpu_name(device)}_{name}{suffix}"
+    directory = Path(os.environ.get(RESULTS_DIR_ENV) or RESULTS_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{gpu_name(device)}_{name}{suffix}"
 
 
 def save_results(

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One remote call on a GPU machine, from the repo root: build, GPU tests, benchmarks; logs and
-# results land flat in $OUT (at most 8 files come back from there).
+# One remote call on a GPU machine, from the repo root: build, GPU tests, benchmarks. Logs and new
+# result files are collected in $OUT/gpu_check.tgz (the device tool brings back at most 8 files), and
+# the summary is also $OUT/summary.txt; unpack with `tar xzf gpu_check.tgz` (results/ then logs/).
 #
-#   bash benchmarks/gpu_check.sh                               # build tests bench:norm
+#   bash benchmarks/gpu_check.sh                               # build, tests, every benchmark
 #   bash benchmarks/gpu_check.sh tests bench:norm              # builds first only if not installed yet
 #   bash benchmarks/gpu_check.sh "bench:norm:--ops rmsnorm --quick"   # bench:NAME[:ARGS]
 #   steps: build, tests (pytest -m gpu), tests:all (the whole suite), bench:NAME[:ARGS]
@@ -11,19 +12,26 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check_out}
-mkdir -p "$OUT"
+LOGS=$(mktemp -d)
+mkdir -p "$OUT" "$LOGS/logs" "$LOGS/results"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build tests bench:norm)
+[ ${#steps[@]} -eq 0 ] && steps=(build tests bench:norm bench:attention bench:quant bench:paged bench:throughput)
 summary=()
 failed=0
 
-run_step() {  # run_step NAME LOG COMMAND...: times COMMAND, tees it into $OUT/LOG, records the outcome
+pack() {  # after every step, so a run cut off by the time limit still brings back what it finished
+    find benchmarks/results -maxdepth 1 -type f -newer "$stamp" -exec cp {} "$LOGS/results/" \;
+    tar czf "$OUT/gpu_check.tgz" -C "$LOGS" logs results
+}
+
+run_step() {  # run_step NAME LOG COMMAND...: times COMMAND, tees it into logs/LOG, records the outcome
     local name=$1 log=$2 start=$SECONDS rc
     shift 2
     echo "=== $name"
-    "$@" 2>&1 | tee "$OUT/$log"
+    "$@" 2>&1 | tee "$LOGS/logs/$log"
     rc=$?
     [ $rc -ne 0 ] && failed=$((failed + 1))
+    pack
     summary+=("$(printf '%-32s %-8s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo "FAIL($rc)")" $((SECONDS - start)) "$log")")
 }
 
@@ -66,11 +74,12 @@ for step in "${steps[@]}"; do
     esac
 done
 
-find benchmarks/results -maxdepth 1 -type f -newer "$stamp" -exec cp {} "$OUT/" \;
+pack
 rm -f "$stamp"
-echo
-echo "=== summary"
-echo "$gpu" | tail -n +2
-printf '%s\n' "${summary[@]}"
-echo "files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+{
+    echo "=== summary"
+    echo "$gpu" | tail -n +2
+    printf '%s\n' "${summary[@]}"
+    echo "new results: $(ls "$LOGS/results" | tr '\n' ' ')"
+} | tee "$OUT/summary.txt"
 [ $failed -eq 0 ]
