@@ -220,3 +220,28 @@ def test_all_minilm_l6_v2_real_weights_match_hf(no_sdpa_fallback):
         expected, out = ref(**batch).last_hidden_state, patched(**batch).last_hidden_state
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(out[keep], expected[keep], atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "bert"])
+def test_bfloat16_on_gpu_within_twice_the_error_of_transformers(family, no_sdpa_fallback):
+    """Patched in bf16 on CUDA, so the GPU backends (triton/cuda) run: outputs at a real-ish width and
+    length under the 2x rule against float32 transformers, and a backward pass with finite gradients."""
+    size = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, max_position_embeddings=1024)
+    if family != "bert" and family != "gpt2":
+        size.update(num_key_value_heads=2, head_dim=64)
+    if family == "gpt2":
+        size = dict(n_embd=512, n_head=8, n_positions=1024)
+    ref = tiny_model(family, **size).cuda()
+    peer = copy.deepcopy(ref).to(torch.bfloat16)
+    patched = patch(copy.deepcopy(peer))
+    ids, mask = padded_batch("right", lengths=(512, 200, 37), seqlen=512)
+    ids, mask = ids.cuda(), mask.cuda()
+    keep = mask.bool()
+    with torch.no_grad():
+        expected, peer_out, out = (output(m, ids, mask)[keep] for m in (ref, peer, patched))
+    assert_close_2x(out, peer_out, expected)
+    patched.train()
+    output(patched, ids, mask).float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
