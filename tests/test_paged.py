@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from llmfast.ops.paged import paged_attention, write_kv_cache
-from helpers import BACKENDS, DEVICE, assert_close_2x, attention_ref, require_backend
+from helpers import BACKENDS, DEVICE, assert_close_2x, attention_ref, poison_allocations, require_backend
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 BLOCK_SIZES = [1, 8, 16, 32]
 # (head_dim, (heads, kv_heads)): GQA ratios 1, 2, 4, 8
-SHAPES = [(32, (4, 4)), (64, (4, 2)), (128, (8, 2)), (256, (8, 1))]
+SHAPES = [(80, (4, 4)), (64, (4, 2)), (128, (8, 2)), (256, (8, 1))]
 SLACK_ULPS = {torch.float16: 1.0, torch.bfloat16: 1.0, torch.float32: 16.0}
 
 
@@ -84,7 +84,10 @@ def test_paged_attention(backend, dtype, chunked, block_size, shape):
     cu_seqlens_q = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0).to(torch.int32) if chunked else None
     context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
 
-    out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q, backend=backend)
+    with poison_allocations():  # an output element left unwritten shows up as NaN
+        out = paged_attention(
+            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q, backend=backend
+        )
     assert out.dtype == dtype and out.shape == q.shape
     ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
     peer = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False)
@@ -114,6 +117,33 @@ def test_paged_attention_large_blocks_and_strided_cache(backend, dtype, chunked,
     ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
     peer = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False)
     assert_close_2x(out, peer, ref, slack_ulps=SLACK_ULPS[dtype])
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked_prefill"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_paged_attention_splits_long_contexts(dtype, chunked):
+    """Flash-decoding: few (sequence, kv head) programs and long contexts make the launcher split each
+    context across programs and merge the partial softmaxes with the reduce kernel."""
+    require_backend("triton", "paged_attention")
+    from llmfast_kernels.paged import num_splits
+
+    block_size, head_dim, contexts = 16, 64, [700, 3, 0]
+    k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, block_size, 1, head_dim, dtype)
+    assert num_splits(len(contexts), block_tables.shape[1] * block_size, k_cache.device) > 1
+    query_lens = [5, 3, 0] if chunked else [1, 1, 1]
+    q_seqs = [_randn(n, 4, head_dim, dtype=dtype) for n in query_lens]
+    cu_seqlens_q = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0).to(torch.int32) if chunked else None
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    with poison_allocations():
+        out = paged_attention(
+            torch.cat(q_seqs), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q,
+            backend="triton",
+        )
+    if not chunked:  # the empty context's decode query outputs 0
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+        q_seqs, k_seqs, v_seqs, out = q_seqs[:2], k_seqs[:2], v_seqs[:2], out[:2]
+    ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
+    assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), ref, slack_ulps=SLACK_ULPS[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -280,3 +310,68 @@ def test_paged_attention_ignores_unused_block_table_entries():
     assert out.shape == (2, 4, 32) and not out.isnan().any()
     out = paged_attention(**_chunked_args(max_seqlen_q=4), backend="reference")
     assert out.shape == (7, 4, 32) and not out.isnan().any()
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_seqs, context", [(1, 32768), (4, 4096), (64, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_paged_decode(backend, dtype, num_seqs, context):
+    """The benchmark's decode shapes (GQA 32/8, head_dim 128, blocks of 16): one long context (split across
+    programs) and a batch that alone fills the GPU (a single pass)."""
+    require_backend(backend, "paged_attention", torch.device("cuda"))
+    contexts = [context - 37 * i for i in range(num_seqs)]
+    k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, 16, 8, 128, dtype)
+    q = _randn(num_seqs, 32, 128, dtype=dtype)
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    with poison_allocations():
+        out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, backend=backend)
+    q_seqs = list(q[:, None])
+    ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
+    assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), ref)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_paged_chunked_prefill(backend, dtype, head_dim):
+    """Prefix reuse and chunked prefill: chunks of 1 to 2048 queries over contexts up to 6000 tokens."""
+    require_backend(backend, "paged_attention", torch.device("cuda"))
+    contexts, query_lens = [6000, 2048, 513, 1, 3000], [512, 2048, 100, 1, 1]
+    k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, 16, 4, head_dim, dtype)
+    q_seqs = [_randn(n, 16, head_dim, dtype=dtype) for n in query_lens]
+    cu_seqlens_q = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0).to(torch.int32)
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    with poison_allocations():
+        out = paged_attention(
+            torch.cat(q_seqs), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q,
+            backend=backend,
+        )
+    ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
+    assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), ref)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_write_kv_cache(backend, dtype):
+    """A decode step's worth of writes (256 tokens, 8 kv heads, head_dim 128) into a 4096-block cache."""
+    require_backend(backend, "write_kv_cache", torch.device("cuda"))
+    num_blocks, block_size = 4096, 16
+    k, v = _randn(256, 8, 128, dtype=dtype), _randn(256, 8, 128, dtype=dtype)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:256]
+    slots[::7] = -1
+    k_cache = torch.full((num_blocks, block_size, 8, 128), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    write_kv_cache(k, v, k_expected, v_expected, slots, backend="reference")
+    write_kv_cache(k, v, k_cache, v_cache, slots, backend=backend)
+    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0, equal_nan=True)

@@ -1,6 +1,8 @@
 """Paged KV cache (vLLM layout): write new tokens' keys/values into blocks, and attend over them."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from llmfast import _ext
@@ -63,21 +65,57 @@ def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
             )
 
 
-# C++ CPU kernels (csrc/cpu/paged.cpp): torch custom ops with fakes, so torch.compile(fullgraph=True)
-# treats each as one opaque node. They are registered first, so "auto" prefers them on CPU tensors.
-if _ext.has_op("write_kv_cache_cpu"):
-    @torch.library.register_fake("llmfast::write_kv_cache_cpu")
-    def _(k, v, k_cache, v_cache, slot_mapping):
-        return None
-
-    @torch.library.register_fake("llmfast::paged_attention_cpu")
-    def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale):
-        return torch.empty_like(q)
+# Every compiled backend is a torch custom op with a fake, so torch.compile(fullgraph=True) treats it as
+# one opaque node. "auto" follows registration order: triton first on CUDA, because its kernel runs the
+# scores and P @ V on tensor cores for a whole GQA group or prefill tile, while the CUDA C++ kernel uses
+# fp32 FMAs (fine for decode, slower for chunked prefill); then cuda; then the C++ CPU kernels
+# (csrc/cpu/paged.cpp), which "auto" takes on CPU tensors (it skips the Triton interpreter there).
+for _device in ("cpu", "cuda"):
+    if _ext.has_op(f"write_kv_cache_{_device}"):
+        torch.library.register_fake(f"llmfast::write_kv_cache_{_device}")(
+            lambda k, v, k_cache, v_cache, slot_mapping: None
+        )
+        torch.library.register_fake(f"llmfast::paged_attention_{_device}")(
+            lambda q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale: torch.empty_like(q)
+        )
 
 
 def _cxx_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the C++ kernels can address the caches: unit head_dim stride, both strided alike."""
     return k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+
+
+@torch.library.custom_op(
+    "llmfast::write_kv_cache_triton", mutates_args=("k_cache", "v_cache"), device_types=("cuda", "cpu")
+)
+def _write_kv_cache_triton_op(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    from llmfast_kernels.paged import write_kv_cache as launch
+
+    launch(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_write_kv_cache_triton_op.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping):
+    return None
+
+
+@register("write_kv_cache", "triton")
+def _write_kv_cache_triton(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    _write_kv_cache_triton_op(k, v, k_cache, v_cache, slot_mapping)
+
+
+@register("write_kv_cache", "cuda", needs="write_kv_cache_cuda")
+def _write_kv_cache_cuda(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    if not _cxx_cache_layout(k_cache, v_cache):
+        write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
+        return
+    torch.ops.llmfast.write_kv_cache_cuda(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous())
 
 
 @register("write_kv_cache", "cpu", needs="write_kv_cache_cpu")
@@ -215,6 +253,72 @@ def _check_paged_attention_inputs(
     return check_positive_float("softmax_scale", softmax_scale), max_seqlen_q
 
 
+@torch.library.custom_op("llmfast::paged_attention_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _paged_attention_triton_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    max_seqlen_q: Optional[int],
+    softmax_scale: float,
+) -> torch.Tensor:
+    from llmfast_kernels.paged import paged_attention as launch
+
+    return launch(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale)
+
+
+@_paged_attention_triton_op.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale):
+    return torch.empty_like(q)
+
+
+@register("paged_attention", "triton")
+def _paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None,
+    max_seqlen_q: int | None,
+    softmax_scale: float,
+) -> torch.Tensor:
+    return _paged_attention_triton_op(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale
+    )
+
+
+@register("paged_attention", "cuda", needs="paged_attention_cuda")
+def _paged_attention_cuda(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None,
+    max_seqlen_q: int | None,
+    softmax_scale: float,
+) -> torch.Tensor:
+    return _cxx_paged_attention(
+        torch.ops.llmfast.paged_attention_cuda, q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
+        softmax_scale,
+    )
+
+
+def _cxx_paged_attention(op, q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale):
+    if not _cxx_cache_layout(k_cache, v_cache):
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    cu_seqlens_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
+    return op(
+        q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), cu_seqlens_q,
+        softmax_scale,
+    )
+
+
 @register("paged_attention", "cpu", needs="paged_attention_cpu")
 def _paged_attention_cpu(
     q: torch.Tensor,
@@ -227,11 +331,8 @@ def _paged_attention_cpu(
     max_seqlen_q: int | None,
     softmax_scale: float,
 ) -> torch.Tensor:
-    if not _cxx_cache_layout(k_cache, v_cache):
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    cu_seqlens_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
-    return torch.ops.llmfast.paged_attention_cpu(
-        q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), cu_seqlens_q,
+    return _cxx_paged_attention(
+        torch.ops.llmfast.paged_attention_cpu, q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
         softmax_scale,
     )
 

@@ -1,0 +1,474 @@
+// Paged KV cache on CUDA: write new tokens' keys/values into blocks, and attend over them.
+// Cache layout (num_blocks, block_size, kv_heads, head_dim), unit head_dim stride, k and v strided alike.
+// Attention: one thread block (CTA) per (query tile, split of the keys, kv head, chunk of the group's
+// query heads). A CTA's rows are (query token, query head) pairs of one kv head, so each K/V tile is read
+// from memory once, with 16-byte loads, for every query head of the group. A decode tile is one token
+// (rows = the group's heads); a prefill tile is several tokens of one sequence. Long contexts are split
+// across CTAs (flash-decoding) when the other grid dimensions do not fill the GPU; the splits' partial
+// softmaxes are merged by a reduce kernel. Math in fp32 on CUDA cores: decode is bandwidth-bound, and
+// the Triton kernel (preferred by "auto") covers chunked prefill with tensor cores.
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+#include <ATen/Dispatch_v2.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+namespace llmfast {
+namespace {
+
+constexpr int kThreads = 128;        // 4 warps per CTA; not yet tuned on the H100
+constexpr int kRows = 16;            // query rows (token, head) per CTA
+constexpr int kMaxHeadDim = 256;     // as llmfast.ops.attention.MAX_HEAD_DIM
+constexpr int kMaxTileKeys = 32;     // keys per shared-memory tile (16 at head_dim > 128)
+constexpr int kMaxAcc = kRows * kMaxHeadDim / kThreads;  // output elements each thread accumulates
+constexpr int kMinSplitKeys = 128;   // a split shorter than this costs more in the reduce than it saves
+constexpr int kMaxSplits = 64;
+constexpr float kNoScore = -1e30f;   // finite running-max start: exp2f(-inf - kNoScore) is 0, not NaN
+constexpr float kLog2e = 1.4426950408889634f;
+
+// kVec elements loaded or stored as one 16-byte access (kVec = 1: the scalar fallback).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+struct CacheLayout {
+  int64_t stride_block, stride_slot, stride_head;  // elements; same for k_cache and v_cache
+  int block_size;
+};
+
+// k, v: (tokens, kv_heads, head_dim) contiguous. One CTA per token; slot -1 is skipped.
+template <typename T, int kVec>
+__global__ void write_kv_cache_kernel(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache,
+                                      T* __restrict__ v_cache, const int64_t* __restrict__ slot_mapping,
+                                      CacheLayout layout, int kv_heads, int head_dim) {
+  using VecT = Pack<T, kVec>;
+  const int64_t token = blockIdx.x;
+  const int64_t slot = slot_mapping[token];
+  if (slot < 0) {
+    return;
+  }
+  const int64_t block = slot / layout.block_size;
+  const int64_t offset = slot % layout.block_size;
+  const int n_vec = head_dim / kVec;
+  for (int i = threadIdx.x; i < kv_heads * n_vec; i += blockDim.x) {
+    const int head = i / n_vec;
+    const int d = (i % n_vec) * kVec;
+    const int64_t src = (token * kv_heads + head) * head_dim + d;
+    const int64_t dst = block * layout.stride_block + offset * layout.stride_slot + head * layout.stride_head + d;
+    *reinterpret_cast<VecT*>(k_cache + dst) = *reinterpret_cast<const VecT*>(k + src);
+    *reinterpret_cast<VecT*>(v_cache + dst) = *reinterpret_cast<const VecT*>(v + src);
+  }
+}
+
+struct AttentionParams {
+  const int* block_tables;  // (num_seqs, max_blocks)
+  const int* context_lens;  // (num_seqs,)
+  const int* cu_seqlens_q;  // (num_seqs + 1,), or null: decode, one query per sequence
+  float* part_acc;          // (total_q, heads, splits, head_dim): unnormalised partial outputs
+  float* part_max;          // (total_q, heads, splits), log2 domain
+  float* part_sum;          // (total_q, heads, splits)
+  CacheLayout layout;
+  int num_seqs, heads, kv_heads, head_dim, max_blocks;
+  int group;            // query heads per kv head
+  int heads_per_cta;    // min(group, kRows)
+  int tokens_per_tile;  // 1 for decode; kRows / heads_per_cta for prefill
+  int num_splits, tile_keys;
+  float scale_log2;     // softmax_scale * log2(e): scores go through exp2f
+};
+
+// Which sequence and which of its query tiles CTA column `tile` handles; false: past the last tile.
+// Prefill tiles are numbered sequence after sequence; the grid covers an upper bound of their count,
+// so the launcher needs no host copy of cu_seqlens_q.
+__device__ bool find_tile(const AttentionParams& p, int64_t tile, int& seq, int& first_token, int& n_q,
+                          int64_t& q_start) {
+  if (p.cu_seqlens_q == nullptr) {
+    seq = static_cast<int>(tile);
+    first_token = 0;
+    n_q = 1;
+    q_start = tile;
+    return tile < p.num_seqs;
+  }
+  int64_t base = 0;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int start = p.cu_seqlens_q[s];
+    const int n = p.cu_seqlens_q[s + 1] - start;
+    const int tiles = (n + p.tokens_per_tile - 1) / p.tokens_per_tile;
+    if (tile < base + tiles) {
+      seq = s;
+      first_token = static_cast<int>(tile - base) * p.tokens_per_tile;
+      n_q = n;
+      q_start = start;
+      return true;
+    }
+    base += tiles;
+  }
+  return false;
+}
+
+// Grid (query tiles bound * num_splits, kv_heads, head chunks). q, out: (total_q, heads, head_dim).
+// Shared memory: q rows and one K or V tile, both widened to fp32 (tile rows padded to head_dim + 1
+// floats, so threads reading one column of consecutive keys hit distinct banks), and the tile's scores.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) paged_attention_kernel(const T* __restrict__ q,
+                                                                   const T* __restrict__ k_cache,
+                                                                   const T* __restrict__ v_cache,
+                                                                   T* __restrict__ out, AttentionParams p) {
+  using VecT = Pack<T, kVec>;
+  extern __shared__ float smem[];
+  const int D = p.head_dim;
+  const int kv_stride = D + 1;
+  float* q_s = smem;                              // (kRows, D)
+  float* kv_s = q_s + kRows * D;                // (tile_keys, D + 1)
+  float* s_s = kv_s + p.tile_keys * kv_stride;  // (kRows, tile_keys): scores, then probabilities
+  __shared__ float m_s[kRows], l_s[kRows], alpha_s[kRows];
+  __shared__ int64_t row_q_s[kRows];  // global query row, -1 when the row is padding
+  __shared__ int row_head_s[kRows], row_pos_s[kRows];
+
+  const int split = blockIdx.x % p.num_splits;
+  int seq, first_token, n_q;
+  int64_t q_start;
+  if (!find_tile(p, blockIdx.x / p.num_splits, seq, first_token, n_q, q_start)) {
+    return;
+  }
+  const int kv_head = blockIdx.y;
+  const int head_begin = blockIdx.z * p.heads_per_cta;  // within the group
+  const int context = p.context_lens[seq];
+  const int tile_tokens = min(p.tokens_per_tile, n_q - first_token);
+
+  if (threadIdx.x < kRows) {
+    const int r = threadIdx.x;
+    const int token = first_token + r / p.heads_per_cta;
+    const int h = head_begin + r % p.heads_per_cta;
+    const bool valid = r < p.tokens_per_tile * p.heads_per_cta && token < n_q && h < p.group;
+    row_q_s[r] = valid ? q_start + token : -1;
+    row_head_s[r] = kv_head * p.group + h;
+    row_pos_s[r] = context - n_q + token;  // queries are the last tokens of the context
+    m_s[r] = kNoScore;
+    l_s[r] = 0.f;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRows * D; i += blockDim.x) {
+    const int r = i / D;
+    q_s[i] = row_q_s[r] < 0 ? 0.f : static_cast<float>(q[(row_q_s[r] * p.heads + row_head_s[r]) * D + i % D]);
+  }
+
+  // keys the tile's last query sees, then this split's share of them in whole tiles
+  const int kv_end = context - n_q + first_token + tile_tokens;
+  const int per_split = (kv_end + p.num_splits - 1) / p.num_splits;
+  const int split_len = (per_split + p.tile_keys - 1) / p.tile_keys * p.tile_keys;
+  const int kv_lo = split * split_len;
+  const int kv_hi = min(kv_lo + split_len, kv_end);
+
+  float acc[kMaxAcc];
+#pragma unroll
+  for (int i = 0; i < kMaxAcc; ++i) acc[i] = 0.f;
+
+  const int n_vec = D / kVec;
+  const int* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+  auto load_tile = [&](const T* cache, int start, int keys) {
+    for (int i = threadIdx.x; i < keys * n_vec; i += blockDim.x) {
+      const int j = i / n_vec;
+      const int d = (i % n_vec) * kVec;
+      const int pos = start + j;
+      const int64_t block = table[pos / p.layout.block_size];
+      const VecT x = *reinterpret_cast<const VecT*>(cache + block * p.layout.stride_block +
+                                                     (pos % p.layout.block_size) * p.layout.stride_slot +
+                                                     kv_head * p.layout.stride_head + d);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) kv_s[j * kv_stride + d + e] = static_cast<float>(x.v[e]);
+    }
+  };
+
+  for (int start = kv_lo; start < kv_hi; start += p.tile_keys) {
+    const int keys = min(p.tile_keys, kv_hi - start);
+    __syncthreads();  // the previous tile's V is no longer read
+    load_tile(k_cache, start, keys);
+    __syncthreads();
+    // scores: consecutive threads take consecutive keys of one row (K column reads hit distinct banks)
+    for (int i = threadIdx.x; i < kRows * p.tile_keys; i += blockDim.x) {
+      const int r = i / p.tile_keys;
+      const int j = i % p.tile_keys;
+      float score = -INFINITY;  // padding rows, keys past the tile, keys after the row's query
+      if (row_q_s[r] >= 0 && j < keys && start + j <= row_pos_s[r]) {
+        float dot = 0.f;
+        for (int d = 0; d < D; ++d) dot += q_s[r * D + d] * kv_s[j * kv_stride + d];
+        score = dot * p.scale_log2;
+      }
+      s_s[i] = score;
+    }
+    __syncthreads();
+    load_tile(v_cache, start, keys);  // only rows j < keys: unused slots (maybe NaN) are never read
+    // online softmax, one thread per row
+    if (threadIdx.x < kRows) {
+      const int r = threadIdx.x;
+      float m_new = m_s[r];
+      for (int j = 0; j < keys; ++j) m_new = fmaxf(m_new, s_s[r * p.tile_keys + j]);
+      float sum = 0.f;
+      for (int j = 0; j < keys; ++j) {
+        const float prob = exp2f(s_s[r * p.tile_keys + j] - m_new);
+        s_s[r * p.tile_keys + j] = prob;
+        sum += prob;
+      }
+      alpha_s[r] = exp2f(m_s[r] - m_new);
+      l_s[r] = l_s[r] * alpha_s[r] + sum;
+      m_s[r] = m_new;
+    }
+    __syncthreads();
+    // P @ V: thread t owns output elements t, t + kThreads, ... of the (kRows, D) tile
+#pragma unroll
+    for (int a = 0; a < kMaxAcc; ++a) {
+      const int i = threadIdx.x + a * kThreads;
+      if (i < kRows * D) {
+        const int r = i / D;
+        const int d = i % D;
+        float pv = 0.f;
+        for (int j = 0; j < keys; ++j) pv += s_s[r * p.tile_keys + j] * kv_s[j * kv_stride + d];
+        acc[a] = acc[a] * alpha_s[r] + pv;
+      }
+    }
+  }
+
+#pragma unroll
+  for (int a = 0; a < kMaxAcc; ++a) {
+    const int i = threadIdx.x + a * kThreads;
+    if (i < kRows * D && row_q_s[i / D] >= 0) {
+      const int r = i / D;
+      const int64_t row = row_q_s[r] * p.heads + row_head_s[r];
+      if (p.num_splits == 1) {
+        const float l = l_s[r];
+        out[row * D + i % D] = static_cast<T>(l > 0.f ? acc[a] / l : 0.f);  // no key seen: 0
+      } else {
+        p.part_acc[(row * p.num_splits + split) * D + i % D] = acc[a];
+      }
+    }
+  }
+  if (p.num_splits > 1 && threadIdx.x < kRows && row_q_s[threadIdx.x] >= 0) {
+    const int r = threadIdx.x;
+    const int64_t part = (row_q_s[r] * p.heads + row_head_s[r]) * p.num_splits + split;
+    p.part_max[part] = m_s[r];
+    p.part_sum[part] = l_s[r];
+  }
+}
+
+// One CTA per (query token, head): merges the splits' partial softmaxes into the output row.
+template <typename T>
+__global__ void paged_attention_reduce_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_max,
+                                              const float* __restrict__ part_sum, T* __restrict__ out,
+                                              int num_splits, int head_dim) {
+  const int64_t row = blockIdx.x;  // token * heads + head
+  const float* m = part_max + row * num_splits;
+  const float* l = part_sum + row * num_splits;
+  float m_max = kNoScore;
+  for (int s = 0; s < num_splits; ++s) m_max = fmaxf(m_max, m[s]);
+  float total = 0.f;
+  for (int s = 0; s < num_splits; ++s) total += l[s] * exp2f(m[s] - m_max);  // empty splits: l = 0
+  const float inv = total > 0.f ? 1.f / total : 0.f;  // no key at all: 0
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float o = 0.f;
+    for (int s = 0; s < num_splits; ++s) o += part_acc[(row * num_splits + s) * head_dim + d] * exp2f(m[s] - m_max);
+    out[row * head_dim + d] = static_cast<T>(o * inv);
+  }
+}
+
+bool aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Whether 16-byte packs of kVec elements can address every (block, slot, head) row of the cache.
+bool cache_vectorizable(const at::Tensor& cache, int kVec) {
+  return cache.size(3) % kVec == 0 && cache.stride(0) % kVec == 0 && cache.stride(1) % kVec == 0 &&
+         cache.stride(2) % kVec == 0 && aligned(cache.const_data_ptr(), 16);
+}
+
+void check_cache(const char* op, const char* name, const at::Tensor& cache, const at::Tensor& like) {
+  TORCH_CHECK(cache.is_cuda() && cache.device() == like.device(), op, ": ", name, " must be on ", like.device(),
+              ", got ", cache.device());
+  TORCH_CHECK(cache.dim() == 4, op, ": ", name, " must be (num_blocks, block_size, kv_heads, head_dim), got ",
+              cache.sizes());
+  TORCH_CHECK(cache.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type(),
+              ", got ", cache.scalar_type());
+  TORCH_CHECK(cache.stride(3) == 1, op, ": ", name, " must have unit head_dim stride, got strides ",
+              cache.strides());
+}
+
+void write_kv_cache_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                         const at::Tensor& slot_mapping) {
+  constexpr const char* op = "write_kv_cache_cuda";
+  TORCH_CHECK(k.is_cuda() && k.dim() == 3 && k.is_contiguous(), op,
+              ": k must be a contiguous CUDA (tokens, kv_heads, head_dim) tensor, got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes() && v.is_contiguous() && v.scalar_type() == k.scalar_type() &&
+                  v.device() == k.device(), op, ": v must be contiguous and match k, got ", v.sizes());
+  check_cache(op, "k_cache", k_cache, k);
+  check_cache(op, "v_cache", v_cache, k);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(), op,
+              ": k_cache and v_cache must have the same shape and strides");
+  TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2), op,
+              ": caches must have k's kv_heads and head_dim, got ", k_cache.sizes());
+  TORCH_CHECK(slot_mapping.device() == k.device() && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.is_contiguous() && slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0),
+              op, ": slot_mapping must be a contiguous int64 (tokens,) tensor on k's device");
+  const int64_t tokens = k.size(0);
+  if (tokens == 0) {
+    return;  // a launch with an empty grid is an error
+  }
+  const c10::cuda::OptionalCUDAGuard device_guard(k.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const CacheLayout layout{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                           static_cast<int>(k_cache.size(1))};
+  const int kv_heads = static_cast<int>(k.size(1));
+  const int head_dim = static_cast<int>(k.size(2));
+  AT_DISPATCH_V2(k.scalar_type(), "write_kv_cache_cuda", AT_WRAP([&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vectorized = cache_vectorizable(k_cache, kVec) && aligned(v_cache.const_data_ptr(), 16) &&
+                            aligned(k.const_data_ptr(), 16) && aligned(v.const_data_ptr(), 16);
+    auto launch = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+          k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), k_cache.mutable_data_ptr<scalar_t>(),
+          v_cache.mutable_data_ptr<scalar_t>(), slot_mapping.const_data_ptr<int64_t>(), layout, kv_heads,
+          head_dim);
+    };
+    if (vectorized) {
+      launch(write_kv_cache_kernel<scalar_t, kVec>);
+    } else {
+      launch(write_kv_cache_kernel<scalar_t, 1>);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+}
+
+// Splits of each context so that CTAs x splits fill the GPU's SMs; 1 (a single pass, no reduce) when the
+// other grid dimensions already do. From shapes only (max_keys bounds every context), so a decode step
+// can be captured in a CUDA graph.
+int choose_splits(int64_t ctas, int64_t max_keys, int device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (ctas >= sms) {
+    return 1;
+  }
+  const int64_t fill = (sms + ctas - 1) / ctas;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({fill, max_keys / kMinSplitKeys, kMaxSplits})));
+}
+
+at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                const std::optional<at::Tensor>& cu_seqlens_q, double softmax_scale) {
+  constexpr const char* op = "paged_attention_cuda";
+  TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), op,
+              ": q must be a contiguous CUDA (total_q, heads, head_dim) tensor, got ", q.sizes());
+  check_cache(op, "k_cache", k_cache, q);
+  check_cache(op, "v_cache", v_cache, q);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(), op,
+              ": k_cache and v_cache must have the same shape and strides");
+  const int heads = static_cast<int>(q.size(1));
+  const int head_dim = static_cast<int>(q.size(2));
+  const int kv_heads = static_cast<int>(k_cache.size(2));
+  TORCH_CHECK(k_cache.size(3) == head_dim && head_dim <= kMaxHeadDim, op, ": head_dim must match q and be <= ",
+              kMaxHeadDim, ", got ", k_cache.sizes());
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, op, ": q's heads (", heads,
+              ") must be a multiple of the caches' kv_heads (", kv_heads, ")");
+  for (const at::Tensor* t : {&block_tables, &context_lens}) {
+    TORCH_CHECK(t->device() == q.device() && t->scalar_type() == at::kInt && t->is_contiguous(), op,
+                ": block_tables and context_lens must be contiguous int32 tensors on q's device");
+  }
+  TORCH_CHECK(block_tables.dim() == 2 && context_lens.dim() == 1 && context_lens.size(0) == block_tables.size(0),
+              op, ": expected block_tables (num_seqs, max_blocks) and context_lens (num_seqs,)");
+  const int64_t num_seqs = block_tables.size(0);
+  const bool decode = !cu_seqlens_q.has_value();
+  if (decode) {
+    TORCH_CHECK(q.size(0) == num_seqs, op, ": decode needs one query per sequence, got q ", q.sizes());
+  } else {
+    TORCH_CHECK(cu_seqlens_q->device() == q.device() && cu_seqlens_q->scalar_type() == at::kInt &&
+                    cu_seqlens_q->is_contiguous() && cu_seqlens_q->dim() == 1 &&
+                    cu_seqlens_q->size(0) == num_seqs + 1,
+                op, ": cu_seqlens_q must be a contiguous int32 (num_seqs + 1,) tensor on q's device");
+  }
+
+  const c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  at::Tensor out = at::empty_like(q);
+  const int64_t total_q = q.size(0);
+  if (total_q == 0 || num_seqs == 0) {
+    return out;
+  }
+  AttentionParams p{};
+  p.block_tables = block_tables.const_data_ptr<int>();
+  p.context_lens = context_lens.const_data_ptr<int>();
+  p.cu_seqlens_q = decode ? nullptr : cu_seqlens_q->const_data_ptr<int>();
+  p.layout = CacheLayout{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), static_cast<int>(k_cache.size(1))};
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.heads = heads;
+  p.kv_heads = kv_heads;
+  p.head_dim = head_dim;
+  p.max_blocks = static_cast<int>(block_tables.size(1));
+  p.group = heads / kv_heads;
+  p.heads_per_cta = std::min(p.group, kRows);
+  p.tokens_per_tile = decode ? 1 : kRows / p.heads_per_cta;
+  p.tile_keys = head_dim <= 128 ? kMaxTileKeys : kMaxTileKeys / 2;  // keeps shared memory under 48 KB
+  p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
+  const int head_chunks = (p.group + kRows - 1) / kRows;
+  // every sequence's tiles, bounded without reading cu_seqlens_q: sum ceil(n_i / t) <= total_q / t + num_seqs
+  const int64_t tiles = decode ? num_seqs : total_q / p.tokens_per_tile + num_seqs;
+  p.num_splits = choose_splits(tiles * kv_heads * head_chunks, block_tables.size(1) * k_cache.size(1),
+                               q.get_device());
+  at::Tensor part_acc, part_max, part_sum;
+  if (p.num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    part_acc = at::empty({total_q, heads, p.num_splits, head_dim}, f32);
+    part_max = at::empty({total_q, heads, p.num_splits}, f32);
+    part_sum = at::empty({total_q, heads, p.num_splits}, f32);
+    p.part_acc = part_acc.mutable_data_ptr<float>();
+    p.part_max = part_max.mutable_data_ptr<float>();
+    p.part_sum = part_sum.mutable_data_ptr<float>();
+  }
+  TORCH_CHECK(tiles * p.num_splits <= INT32_MAX && head_chunks <= 65535, op, ": too many queries, got q ",
+              q.sizes());
+  const dim3 grid(static_cast<unsigned>(tiles * p.num_splits), static_cast<unsigned>(kv_heads),
+                  static_cast<unsigned>(head_chunks));
+  const size_t smem = sizeof(float) * (kRows * head_dim + p.tile_keys * (head_dim + 1) + kRows * p.tile_keys);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_V2(q.scalar_type(), "paged_attention_cuda", AT_WRAP([&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vectorized = cache_vectorizable(k_cache, kVec) && aligned(v_cache.const_data_ptr(), 16);
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, smem, stream>>>(q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
+                                               v_cache.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                               p);
+    };
+    if (vectorized) {
+      launch(paged_attention_kernel<scalar_t, kVec>);
+    } else {
+      launch(paged_attention_kernel<scalar_t, 1>);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (p.num_splits > 1) {
+      paged_attention_reduce_kernel<scalar_t><<<static_cast<unsigned>(total_q * heads), kThreads, 0, stream>>>(
+          p.part_acc, p.part_max, p.part_sum, out.mutable_data_ptr<scalar_t>(), p.num_splits, head_dim);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llmfast, m) {
+  // Same contracts as write_kv_cache_cpu and paged_attention_cpu (see csrc/ops.cpp), for CUDA tensors.
+  m.def("write_kv_cache_cuda(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping)"
+        " -> ()");
+  m.def("paged_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables,"
+        " Tensor context_lens, Tensor? cu_seqlens_q, float softmax_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmfast, CUDA, m) {
+  m.impl("write_kv_cache_cuda", &write_kv_cache_cuda);
+  m.impl("paged_attention_cuda", &paged_attention_cuda);
+}
+
+}  // namespace llmfast
