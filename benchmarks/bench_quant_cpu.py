@@ -2,7 +2,7 @@
 against dequantize + F.linear and against plain float32 F.linear, measured in the same run.
 
     python -m benchmarks.bench_quant_cpu                     # -> results/cpu_quant.json, .png
-    python -m benchmarks.bench_quant_cpu --m 1,16 --shapes 4096x4096 --repeats 1   # a quick look
+    python -m benchmarks.bench_quant_cpu --m 1,16 --shapes 4096x4096 --repeats 1 --out-dir /tmp/q   # a quick look
 
 y = x @ W.T with x (M, K) and W (N, K). Weights are cold, as in a model whose layers do not fit in the
 last-level cache: each implementation cycles through enough copies of its weight that they overflow
@@ -13,18 +13,20 @@ implementations interleaved, and the median of those medians is reported with it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import os
 import statistics
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 import llmfast
 from llmfast.quant import QuantizedWeight, quantize
+from . import common
 from .common import bench_ms, plot_bars, print_table, save_results
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # K x N: attention projection, MLP up, MLP down
@@ -111,7 +113,22 @@ def run_case(k: int, n: int, m: int, impls: dict, repeats: int) -> list[dict]:
     return rows
 
 
-def _int_list(text: str) -> list[int]:
+@contextlib.contextmanager
+def results_dir(path: Path | None) -> Iterator[None]:
+    """Inside the block, save_results and plot_bars write to ``path`` (None: benchmarks/results/), so that
+    smoke runs leave the committed results alone."""
+    if path is None:
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    saved, common.RESULTS_DIR = common.RESULTS_DIR, path
+    try:
+        yield
+    finally:
+        common.RESULTS_DIR = saved
+
+
+def parse_int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
@@ -121,7 +138,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _shapes(text: str) -> list[tuple[int, int]]:
+def parse_shapes(text: str) -> list[tuple[int, int]]:
     try:
         shapes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
     except ValueError:
@@ -131,25 +148,8 @@ def _shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_quant_cpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", type=_shapes, default=SHAPES, help="K x N list, e.g. 4096x4096,4096x11008")
-    parser.add_argument("--m", type=_int_list, default=MS, help="batch rows M, e.g. 1,4,16,64")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per case, implementations interleaved")
-    args = parser.parse_args(argv)
-    if "cpu" not in llmfast.available_backends("quant_matmul"):
-        raise SystemExit("llmfast._C with quant_matmul_cpu is not built here: nothing of ours to time")
-
-    llc = last_level_cache_bytes()
-    print(f"CPU, {torch.get_num_threads()} threads, last-level cache {llc >> 20} MiB, float32 activations")
-    rows = []
-    for k, n in args.shapes:
-        print(f"K x N = {k} x {n}", flush=True)
-        impls = implementations(k, n, llc)
-        for m in args.m:
-            rows += run_case(k, n, m, impls, max(1, args.repeats))
-        del impls
-
+def save(args: argparse.Namespace, rows: list[dict], llc: int) -> None:
+    """results/cpu_quant.json and .png (or under --out-dir)."""
     save_results("quant", {
         "what": "y = x @ W.T, x (M, K) float32, W (N, K); ours = llmfast quant_matmul backend='cpu'",
         "weights": "cold: each implementation cycles through copies of its weight overflowing 2x the LLC",
@@ -167,6 +167,30 @@ def main(argv: list[str] | None = None) -> int:
         panels[f"K x N = {k} x {n}"] = (labels, {i: [speedup.get((i, m)) for m in args.m] for i in names})
     plot_bars("quant", panels, ylabel=f"speedup over {PEER} (higher is better)", device="cpu",
               title="weight-only quantized matmul on CPU, float32 activations")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_quant_cpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", type=parse_shapes, default=SHAPES, help="K x N list, e.g. 4096x4096,4096x11008")
+    parser.add_argument("--m", type=parse_int_list, default=MS, help="batch rows M, e.g. 1,4,16,64")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per case, implementations interleaved")
+    parser.add_argument("--out-dir", type=Path, help="write the JSON + PNG here instead of benchmarks/results/")
+    args = parser.parse_args(argv)
+    if "cpu" not in llmfast.available_backends("quant_matmul"):
+        raise SystemExit("llmfast._C with quant_matmul_cpu is not built here: nothing of ours to time")
+
+    llc = last_level_cache_bytes()
+    print(f"CPU, {torch.get_num_threads()} threads, last-level cache {llc >> 20} MiB, float32 activations")
+    rows = []
+    for k, n in args.shapes:
+        print(f"K x N = {k} x {n}", flush=True)
+        impls = implementations(k, n, llc)
+        for m in args.m:
+            rows += run_case(k, n, m, impls, max(1, args.repeats))
+        del impls
+
+    with results_dir(args.out_dir):
+        save(args, rows, llc)
 
     print()
     print_table([{

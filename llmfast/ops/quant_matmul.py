@@ -1,7 +1,10 @@
 """Matrix multiply with a weight-only quantized weight (int8 or int4, see llmfast.quant)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 
 from llmfast import _ext
 from llmfast.backends import register, select
@@ -49,6 +52,43 @@ def quant_matmul_reference(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tens
     return y.to(x.dtype)
 
 
+# Triton (kernels/quant_matmul.py): a torch custom op with a fake, so torch.compile(fullgraph=True) treats it
+# as one opaque node; the path is picked inside it, from M.
+
+# Decode batches: the split-K kernel streams the weight once for all rows (BLOCK_M = 16).
+SPLITK_MAX_M = 16
+# From this many rows on (CUDA), dequantize to x.dtype once and let cuBLAS run the matmul: it is then
+# compute-bound, so the weight's extra write and read cost little. A guess, not yet measured on the H100.
+DEQUANTIZE_MIN_M = 1024
+
+
+@torch.library.custom_op("llmfast::quant_matmul_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _quant_matmul_triton_op(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    from llmfast_kernels import quant_matmul as kernels
+
+    m = x.shape[0]
+    if m <= SPLITK_MAX_M:
+        return kernels.quant_matmul_splitk(x, qweight, scales, zeros, bias)
+    if x.is_cuda and m >= DEQUANTIZE_MIN_M:
+        return F.linear(x, kernels.dequantize(qweight, scales, zeros, x.dtype), bias)
+    return kernels.quant_matmul_tiled(x, qweight, scales, zeros, bias)
+
+
+@_quant_matmul_triton_op.register_fake
+def _(x, qweight, scales, zeros, bias):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def _quant_matmul_triton(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x (M, K)`` -> ``(M, N)`` through the Triton kernels, which take contiguous tensors."""
+    zeros = None if w.zeros is None else w.zeros.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return _quant_matmul_triton_op(x.contiguous(), w.qweight.contiguous(), w.scales.contiguous(), zeros, bias)
+
+
 # C++ CPU kernel (csrc/cpu/quant_matmul.cpp): a torch custom op with a fake, so torch.compile(fullgraph=True)
 # treats it as one opaque node.
 if _ext.has_op("quant_matmul_cpu"):
@@ -67,5 +107,6 @@ def _quant_matmul_cpu(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | 
 
 
 # auto prefers them in this order
+register("quant_matmul", "triton")(_quant_matmul_triton)
 register("quant_matmul", "cpu", needs="quant_matmul_cpu")(_quant_matmul_cpu)
 register("quant_matmul", "reference")(quant_matmul_reference)
