@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import llmfast
 from llmfast.quant import QuantizedWeight, quantize, unpack_int4
-from . import bench_quant_cpu
+from . import bench_quant_cpu, common
 from .common import COPY_TB_S, bench_ms, default_device, measure_copy_tb_s, plot_bars, print_table, save_results
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         torch.cuda.empty_cache()
 
-    with bench_quant_cpu.results_dir(_out_dir(args)):
+    with common.results_dir(_out_dir(args)):
         save(name, rows, shapes, ms_list, copy_tb_s, device)
 
     roofline = f"% of {COPY_TB_S} TB/s"

@@ -13,13 +13,12 @@ implementations interleaved, and the median of those medians is reported with it
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import math
 import os
 import statistics
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -113,21 +112,6 @@ def run_case(k: int, n: int, m: int, impls: dict, repeats: int) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def results_dir(path: Path | None) -> Iterator[None]:
-    """Inside the block, save_results and plot_bars write to ``path`` (None: benchmarks/results/), so that
-    smoke runs leave the committed results alone."""
-    if path is None:
-        yield
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    saved, common.RESULTS_DIR = common.RESULTS_DIR, path
-    try:
-        yield
-    finally:
-        common.RESULTS_DIR = saved
-
-
 def parse_int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -189,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_case(k, n, m, impls, max(1, args.repeats))
         del impls
 
-    with results_dir(args.out_dir):
+    with common.results_dir(args.out_dir):
         save(args, rows, llc)
 
     print()

@@ -6,6 +6,7 @@ and writes ``benchmarks/results/{gpu}_{name}.json`` and ``.png``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -16,7 +17,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -27,8 +28,10 @@ COPY_TB_S = 3.0
 BF16_TFLOPS = 760.0
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# Smoke runs (tests, `--quick` checks) point this elsewhere so they never touch the committed results.
+# Smoke runs (tests, `--quick` checks) write elsewhere so they never touch the committed results: an
+# --out-dir (results_dir below) wins over this variable, which wins over RESULTS_DIR.
 RESULTS_DIR_ENV = "LLMFAST_RESULTS_DIR"
+_results_dir_override: Path | None = None
 
 
 def default_device() -> torch.device:
@@ -147,9 +150,20 @@ def run_metadata(device: torch.device | str | None = None, packages: Sequence[st
 
 
 def results_path(name: str, suffix: str, device: torch.device | str | None = None) -> Path:
-    directory = Path(os.environ.get(RESULTS_DIR_ENV) or RESULTS_DIR)
+    directory = _results_dir_override or Path(os.environ.get(RESULTS_DIR_ENV) or RESULTS_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     return directory / f"{gpu_name(device)}_{name}{suffix}"
+
+
+@contextlib.contextmanager
+def results_dir(path: Path | None) -> Iterator[None]:
+    """Inside the block, save_results and plot_bars write to ``path`` (None: the default place)."""
+    global _results_dir_override
+    saved, _results_dir_override = _results_dir_override, path
+    try:
+        yield
+    finally:
+        _results_dir_override = saved
 
 
 def save_results(
