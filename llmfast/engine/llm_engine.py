@@ -68,14 +68,15 @@ class LLMEngine:
         if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \
                 or not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization: expected a fraction in (0, 1], got {gpu_memory_utilization!r}")
+        if not isinstance(enforce_eager, bool):
+            raise ValueError(f"enforce_eager: expected a bool, got {enforce_eager!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed: expected an int, got {seed!r}")
         self.device = _resolve_device(device)
-        self.enforce_eager = enforce_eager  # CUDA graphs are not captured yet: every step runs eagerly
         self.runner = ModelRunner(model, dtype=dtype, device=self.device, quantization=quantization,
                                   block_size=block_size, num_kv_blocks=num_kv_blocks,
                                   gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens)
+                                  max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
         self.tokenizer = load_tokenizer(model)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = _eos_token_ids(Path(model), self.tokenizer)

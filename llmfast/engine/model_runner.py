@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmfast.engine.cuda_graphs import DecodeGraphs
 from llmfast.engine.scheduler import ScheduledBatch
 from llmfast.engine.sequence import Sequence
 from llmfast.models import AttentionMetadata, load_model
@@ -21,7 +22,7 @@ CPU_KV_CACHE_RAM_FRACTION = 0.3  # and at most this share of the RAM available w
 class ModelRunner:
     def __init__(self, path: str | Path, *, dtype, device: torch.device, quantization: str | None, block_size: int,
                  num_kv_blocks: int | None, gpu_memory_utilization: float, max_num_seqs: int,
-                 max_num_batched_tokens: int):
+                 max_num_batched_tokens: int, enforce_eager: bool = False):
         self.device, self.block_size = device, block_size
         self.model = load_model(path, dtype=dtype, device=device)
         if not hasattr(self.model, "compute_logits"):
@@ -42,6 +43,12 @@ class ModelRunner:
         alloc = torch.empty if device.type == "cpu" else torch.zeros
         self.kv_cache = alloc(shape, dtype=self.dtype, device=device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(cfg.num_layers)]
+        self.graphs = None
+        if device.type == "cuda" and not enforce_eager:
+            max_len = min(self.max_model_len, self.num_kv_blocks * block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs=max_num_seqs,
+                                       max_blocks_per_seq=-(-max_len // block_size), max_model_len=max_len,
+                                       device=device)
 
     def _block_bytes(self) -> int:
         cfg = self.model.config
@@ -100,12 +107,22 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        meta = self._metadata(batch, slots, block_tables, context_lens, counts)
         tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)  # noqa: E731
-        hidden = self.model(tensor(ids), tensor(positions), meta, self.kv_caches)  # (tokens, hidden)
+        if self._replays(counts, block_tables):
+            hidden = self.graphs.run(ids, positions, slots, block_tables, context_lens)  # (tokens, hidden)
+        else:
+            meta = self._metadata(batch, slots, block_tables, context_lens, counts)
+            hidden = self.model(tensor(ids), tensor(positions), meta, self.kv_caches)  # (tokens, hidden)
         if not sampled:
             return None, []
+        if len(sample_rows) == len(ids):  # decode: every row is sampled
+            return self.model.compute_logits(hidden), sampled
         return self.model.compute_logits(hidden[tensor(sample_rows)]), sampled
+
+    def _replays(self, counts: list[int], block_tables: list[list[int]]) -> bool:
+        """Whether this step is a decode (one token per sequence) that a captured CUDA graph can run."""
+        return (self.graphs is not None and all(n == 1 for n in counts)
+                and self.graphs.fits(len(counts), max(len(t) for t in block_tables)))
 
     def _metadata(self, batch, slots, block_tables, context_lens, counts) -> AttentionMetadata:
         slot_mapping = torch.tensor(slots, dtype=torch.int64, device=self.device)
