@@ -1,6 +1,8 @@
 """Softmax attention in flash-attn's layout: dense batches and variable-length (varlen) packed batches."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from llmfast.backends import register, select
@@ -113,6 +115,90 @@ def _check_attention_inputs(
     if softmax_scale is None:
         softmax_scale = head_dim**-0.5
     return check_positive_float("softmax_scale", softmax_scale), max_seqlen_q, max_seqlen_k
+
+
+# triton ---------------------------------------------------------------------------------------
+# Forward and backward are torch custom ops with fake implementations, so torch.compile(fullgraph=True)
+# keeps each one as an opaque node; the forward returns the log-sum-exp that the backward needs.
+
+
+@torch.library.custom_op("llmfast::attention_fwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _attention_fwd_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from llmfast_kernels.attention import attention_fwd
+
+    return attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+
+
+@_attention_fwd_triton.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    rows = q.shape[0] if cu_seqlens_q is not None else q.shape[0] * q.shape[1]
+    o = q.new_empty(q.shape)  # contiguous, as the kernel writes it
+    return o, q.new_empty((q.shape[-2], rows), dtype=torch.float32)  # lse: (heads, rows)
+
+
+@torch.library.custom_op("llmfast::attention_bwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _attention_bwd_triton(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from llmfast_kernels.attention_bwd import attention_bwd
+
+    return attention_bwd(
+        do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
+    )
+
+
+@_attention_bwd_triton.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_attention_triton(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+
+
+def _backward_attention_triton(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_triton(
+        do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
+        ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.softmax_scale,
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_fwd_triton.register_autograd(_backward_attention_triton, setup_context=_setup_attention_triton)
+
+
+@register("attention", "triton")  # registered first: "auto" prefers it wherever it can run
+def attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+) -> torch.Tensor:
+    """Flash attention in Triton (llmfast_kernels.attention, .attention_bwd); the reference's contract."""
+    if cu_seqlens_q is None:  # dense: the kernels read the lengths from the shapes
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    o, _ = _attention_fwd_triton(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
+    )
+    return o
 
 
 @register("attention", "reference")

@@ -1,0 +1,253 @@
+"""Flash attention forward (FlashAttention-2): Triton kernel, its configs and its launcher.
+
+One program owns BLOCK_M query rows of one query head of one sequence and streams the keys of that
+sequence in BLOCK_N blocks with an online softmax (fp32 running max, sum and accumulator), so the
+(seqlen_q, seqlen_k) score matrix never leaves registers. Scores are computed in base 2 with the
+softmax scale folded into one multiplier (exp2 is one instruction, exp is two). Dense and varlen
+batches share the kernel: a dense batch is a varlen one whose sequence b starts at token b * seqlen.
+The launchers run inside opaque torch custom ops (llmfast/ops/attention.py) and launch directly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2_E = math.log2(math.e)
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# CUDA configs (BLOCK_M, BLOCK_N, num_warps, num_stages). sm_90: the FA2 shapes that keep a 128-row
+# query tile per program; sm_80 (and anything else): smaller tiles that fit 164 KB of shared memory at
+# head dim 128. Configs that do not fit (e.g. head dim 256 with 128x128 tiles) fail to compile and
+# the autotuner drops them, so each set ends with a small config that always fits.
+SM90_CONFIGS = [
+    (128, n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)
+] + [(64, 64, 4, 2), (64, 32, 4, 1)]
+SM80_CONFIGS = [(128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 1)]
+
+
+def interpreter_block(max_seqlen: int) -> int:
+    """BLOCK_M = BLOCK_N in the interpreter, which cannot autotune. Its cost is per block step (several
+    ms of Python each), hardly per element: 32x32 tiles spread short sequences (17, 37, 53) over several
+    blocks so that block edges and causal diagonals are exercised; long ones take 128 (a length of
+    1000 is then 8 blocks, not 32, and 16x fewer steps)."""
+    return 32 if max_seqlen <= 128 else 128
+
+
+def seqlen_bucket(max_seqlen: int) -> int:
+    """Autotuning key for the sequence length: the best tiles change with it, but not at every length."""
+    return min(triton.next_power_of_2(max(max_seqlen, 1)), 16384)
+
+
+def autotuned(kernel, configs, key):
+    """``kernel`` behind triton.autotune over ``configs`` (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    return triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs
+        ],
+        key=key,
+    )(kernel)
+
+
+@triton.jit
+def sequence_bounds(b, Cu_seqlens, seqlen, IS_VARLEN: tl.constexpr):
+    """(first token, length) of sequence ``b``: from cu_seqlens (varlen) or ``b * seqlen`` (dense)."""
+    if IS_VARLEN:
+        start = tl.load(Cu_seqlens + b)
+        length = tl.load(Cu_seqlens + b + 1) - start
+    else:
+        start = b * seqlen
+        length = seqlen
+    return start.to(tl.int64), length
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, m_i, l_i, q, K_block, V_block, stride_ks, stride_vs,
+    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Folds key blocks [lo, hi) into (acc, m_i, l_i). MASKED: some scores in these blocks are past
+    seqlen_k or above the causal diagonal; the unmasked loop skips those compares."""
+    d_mask = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = d_mask & (offs_n[:, None] < seqlen_k)
+        k = tl.load(K_block + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        v = tl.load(V_block + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            visible = offs_n[None, :] < seqlen_k
+            if IS_CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no key yet keeps m = -inf; subtracting 0 instead keeps exp2 free of NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # p is rounded to the input dtype, as the tensor cores take it
+        p = p.to(V_block.dtype.element_ty).to(DOT_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+# Lengths are not specialised: Triton would otherwise turn a length of 1 into a constant (and compile
+# again for lengths divisible by 16), which buys nothing here.
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
+def _attn_fwd_kernel(
+    # Q, O: (batch, seqlen_q, heads, head_dim) or (total_q, heads, head_dim); K, V likewise with kv_heads;
+    # LSE: (heads, batch * seqlen_q or total_q) fp32
+    Q, K, V, O, LSE,
+    Cu_seqlens_q, Cu_seqlens_k,  # int32 (batch+1,), read only when IS_VARLEN
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lse_h,
+    seqlen_q, seqlen_k,  # dense lengths (varlen reads cu_seqlens)
+    qk_scale,  # softmax_scale * log2(e)
+    SEQ_BUCKET,  # only an autotuning key
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (cdiv(max_seqlen_q, BLOCK_M), heads, batch). Writes O rows and their natural-log LSE;
+    a row that sees no key gets O = 0 and LSE = -inf."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    tok_q, seqlen_q = sequence_bounds(b, Cu_seqlens_q, seqlen_q, IS_VARLEN)
+    tok_k, seqlen_k = sequence_bounds(b, Cu_seqlens_k, seqlen_k, IS_VARLEN)
+    if start_m >= seqlen_q:
+        return
+    kv_h = h // GROUP  # GQA: read the shared kv head in place, never a repeated copy
+    b64 = b.to(tl.int64)
+    # dense: batch offsets come from the batch stride and tok_* is only the LSE row; varlen: batch strides are 0
+    q_seq0 = tok_q if IS_VARLEN else tok_q * 0
+    k_seq0 = tok_k if IS_VARLEN else tok_k * 0
+    Q_block = Q + b64 * stride_qb + q_seq0 * stride_qs + h * stride_qh
+    K_block = K + b64 * stride_kb + k_seq0 * stride_ks + kv_h * stride_kh
+    V_block = V + b64 * stride_vb + k_seq0 * stride_vs + kv_h * stride_vh
+    O_block = O + b64 * stride_ob + q_seq0 * stride_os + h * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q_block + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0).to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # bottom-right causal: query i sees keys j <= i + causal_shift
+    causal_shift = seqlen_k - seqlen_q
+    if IS_CAUSAL:
+        # keys past the block's last row's diagonal are skipped; blocks wholly left of its first
+        # row's diagonal need no mask
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift)
+        full_hi = tl.minimum(seqlen_k, start_m + 1 + causal_shift)
+    else:
+        hi = seqlen_k
+        full_hi = seqlen_k
+    hi = tl.maximum(hi, 0)
+    full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _attn_fwd_inner(
+        acc, m_i, l_i, q, K_block, V_block, stride_ks, stride_vs, offs_m, offs_d, 0, full_hi,
+        seqlen_k, causal_shift, qk_scale, False, IS_CAUSAL, HEAD_DIM, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
+    )
+    acc, m_i, l_i = _attn_fwd_inner(
+        acc, m_i, l_i, q, K_block, V_block, stride_ks, stride_vs, offs_m, offs_d, full_hi, hi,
+        seqlen_k, causal_shift, qk_scale, True, IS_CAUSAL, HEAD_DIM, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
+    )
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(O_block + offs_m[:, None] * stride_os + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_mask)
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(LSE + h * stride_lse_h + tok_q + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+FWD_KEY = ["BLOCK_D", "GROUP", "IS_CAUSAL", "IS_VARLEN", "SEQ_BUCKET"]
+_attn_fwd_sm90 = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY)
+_attn_fwd_sm80 = autotuned(_attn_fwd_kernel, SM80_CONFIGS, FWD_KEY)
+
+
+def pick(device: torch.device, plain, sm90, sm80):
+    """The launch handle for ``device``: the plain kernel in the interpreter, else an autotuned one."""
+    if device.type != "cuda":
+        return plain
+    return sm90 if torch.cuda.get_device_capability(device)[0] >= 9 else sm80
+
+
+def layout(t: Tensor, varlen: bool) -> tuple[Tensor, tuple[int, int, int]]:
+    """``t`` with a unit head_dim stride, and its (batch, seq, head) strides; varlen has batch stride 0."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if varlen:  # (tokens, heads, head_dim)
+        return t, (0, t.stride(0), t.stride(1))
+    return t, (t.stride(0), t.stride(1), t.stride(2))  # (batch, seq, heads, head_dim)
+
+
+def launch_shape(q: Tensor, k: Tensor, cu_seqlens_q: Tensor | None, max_seqlen_q: int, max_seqlen_k: int):
+    """(batch, max_seqlen_q, max_seqlen_k, dense seqlen_q, dense seqlen_k) for the kernels' grids."""
+    if cu_seqlens_q is not None:
+        return cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, 0, 0
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1]
+
+
+def dot_meta(dtype: torch.dtype, device: torch.device) -> dict:
+    """DOT_DTYPE, the type tl.dot operands are cast to, and DOT_PRECISION. float32 gets IEEE fp32 dots
+    (not TF32) to keep float32 accuracy; 16-bit inputs use the tensor cores on the GPU. The interpreter
+    multiplies bf16 as raw uint16 and fp16 without BLAS, so there 16-bit operands are widened to fp32
+    (exact products summed in fp32, as the tensor cores do)."""
+    if dtype == torch.float32 or device.type != "cuda":
+        return dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
+    return dict(DOT_DTYPE=TL_DTYPES[dtype], DOT_PRECISION="tf32")
+
+
+def block_d(head_dim: int) -> int:
+    # tl.dot needs every dim >= 16; the padding lanes are masked to 0 on load
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor,
+    cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """q: (batch, seqlen_q, heads, head_dim) or varlen (total_q, heads, head_dim); k, v likewise with
+    kv_heads; any strides (head_dim is made unit-stride). Inputs are validated by llmfast.ops.attention.
+    Returns (o, lse): o contiguous, shaped like q, in q.dtype; lse (heads, batch * seqlen_q or total_q)
+    float32 natural-log sum of exp of the scaled scores, -inf for rows that see no key."""
+    varlen = cu_seqlens_q is not None
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    batch, grid_sq, grid_sk, seqlen_q, seqlen_k = launch_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    q, q_strides = layout(q, varlen)
+    k, k_strides = layout(k, varlen)
+    v, v_strides = layout(v, varlen)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _, o_strides = layout(o, varlen)
+    rows = q.shape[0] if varlen else q.shape[0] * q.shape[1]
+    lse = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    cu_q = cu_seqlens_q if varlen else lse  # never read when dense
+    cu_k = cu_seqlens_k if varlen else lse
+    args = (
+        q, k, v, o, lse, cu_q, cu_k, *q_strides, *k_strides, *v_strides, *o_strides, lse.stride(0),
+        seqlen_q, seqlen_k, softmax_scale * LOG2_E, seqlen_bucket(max(grid_sq, grid_sk)),
+    )
+    meta = dict(
+        GROUP=heads // k.shape[-2], HEAD_DIM=head_dim, IS_CAUSAL=causal, IS_VARLEN=varlen,
+        **dot_meta(q.dtype, q.device), BLOCK_D=block_d(head_dim),
+    )
+    kernel = pick(q.device, _attn_fwd_kernel, _attn_fwd_sm90, _attn_fwd_sm80)
+    if kernel is _attn_fwd_kernel:
+        block = interpreter_block(max(grid_sq, grid_sk))
+        meta.update(BLOCK_M=block, BLOCK_N=block)
+    grid = lambda META: (triton.cdiv(grid_sq, META["BLOCK_M"]), heads, batch)  # noqa: E731
+    kernel[grid](*args, **meta)
+    return o, lse
