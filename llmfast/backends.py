@@ -5,7 +5,6 @@ once; kernels never pick backends or read the environment themselves.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Callable
@@ -39,10 +38,13 @@ def register(op: str, backend: str, *, needs: str | None = None) -> Callable[[Ca
     return decorate
 
 
-@functools.cache
+# find_spec walks sys.path (~30 us) and this is asked on every op call that considers triton, so it is
+# asked once, at import (a plain bool, which torch.compile traces through without a warning).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_installed() -> bool:
-    # find_spec walks sys.path (~30 us); this runs on every op call that considers triton
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def _triton_interpreting() -> bool:

@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("norm",)
+BENCHMARKS = ("norm", "attention", "quant", "paged", "throughput")
 
 
 # (flag, SamplingParams field, type): flags left out keep SamplingParams' defaults
@@ -95,12 +95,19 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    """Runs one benchmark, or each in turn for `all` (a failure does not stop the others); the worst exit code."""
     names = BENCHMARKS if args.name == "all" else (args.name,)
+    codes = []
     for name in names:
         # benchmarks/ is installed as llmfast_benchmarks beside llmfast (see setup.py)
         module = importlib.import_module(f"llmfast_benchmarks.bench_{name}")
-        module.main(args.bench_args)
-    return 0
+        try:
+            codes.append(module.main(args.bench_args) or 0)
+        except SystemExit as exc:  # argparse errors and explicit exits of one benchmark
+            codes.append(exc.code if isinstance(exc.code, int) else 2)
+        if len(names) > 1 and codes[-1]:
+            print(f"llmfast bench {name}: exit code {codes[-1]}", file=sys.stderr)
+    return max(codes)
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:

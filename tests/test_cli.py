@@ -92,3 +92,23 @@ def test_demo_runs_on_a_checkpoint(checkpoint, capsys):
 def test_console_script():
     result = subprocess.run(["llmfast", "--help"], capture_output=True, text=True, timeout=60, env=ENV)
     assert result.returncode == 0 and all(c in result.stdout for c in ("demo", "generate", "serve", "bench", "eval"))
+
+
+def test_bench_norm_writes_its_results_where_told(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLMFAST_RESULTS_DIR", str(tmp_path))
+    code = cli.main(["bench", "norm", "--device", "cpu", "--ops", "rmsnorm", "--sizes", "64x256", "--no-compile"])
+    assert code == 0
+    assert "add+RMSNorm" in capsys.readouterr().out
+    assert (tmp_path / "cpu_norm.json").exists()
+
+
+@pytest.mark.parametrize("name", cli.BENCHMARKS)
+def test_every_benchmark_has_a_cli_entry_with_help(name):
+    result = llmfast("bench", name, "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--quick" in result.stdout
+
+
+def test_bench_rejects_an_unknown_name():
+    result = llmfast("bench", "nope", timeout=60)
+    assert result.returncode == 2 and "invalid choice" in result.stderr
