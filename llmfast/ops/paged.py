@@ -65,11 +65,7 @@ def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
             )
 
 
-# Every compiled backend is a torch custom op with a fake, so torch.compile(fullgraph=True) treats it as
-# one opaque node. "auto" follows registration order: triton first on CUDA, because its kernel runs the
-# scores and P @ V on tensor cores for a whole GQA group or prefill tile, while the CUDA C++ kernel uses
-# fp32 FMAs (fine for decode, slower for chunked prefill); then cuda; then the C++ CPU kernels
-# (csrc/cpu/paged.cpp), which "auto" takes on CPU tensors (it skips the Triton interpreter there).
+# The C++ ops are torch custom ops; their fakes let torch.compile(fullgraph=True) treat each as one node.
 for _device in ("cpu", "cuda"):
     if _ext.has_op(f"write_kv_cache_{_device}"):
         torch.library.register_fake(f"llmfast::write_kv_cache_{_device}")(
@@ -101,35 +97,27 @@ def _(k, v, k_cache, v_cache, slot_mapping):
     return None
 
 
-@register("write_kv_cache", "triton")
 def _write_kv_cache_triton(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     _write_kv_cache_triton_op(k, v, k_cache, v_cache, slot_mapping)
 
 
-@register("write_kv_cache", "cuda", needs="write_kv_cache_cuda")
-def _write_kv_cache_cuda(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    if not _cxx_cache_layout(k_cache, v_cache):
-        write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
-        return
-    torch.ops.llmfast.write_kv_cache_cuda(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous())
+def _write_kv_cache_cxx(device_type: str):
+    """write_kv_cache through ``torch.ops.llmfast.write_kv_cache_{device_type}`` (csrc/cpu or csrc/cuda)."""
+
+    def write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+        if not _cxx_cache_layout(k_cache, v_cache):
+            # the caches are written in place, so a layout the kernel cannot address goes the reference's way
+            write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
+            return
+        op = getattr(torch.ops.llmfast, f"write_kv_cache_{device_type}")
+        op(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous())
+
+    return write
 
 
-@register("write_kv_cache", "cpu", needs="write_kv_cache_cpu")
-def _write_kv_cache_cpu(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    if not _cxx_cache_layout(k_cache, v_cache):
-        # the caches are written in place, so a layout the kernel cannot address goes the reference's way
-        write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
-        return
-    torch.ops.llmfast.write_kv_cache_cpu(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous())
-
-
-@register("write_kv_cache", "reference")
 def write_kv_cache_reference(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -274,7 +262,6 @@ def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_
     return torch.empty_like(q)
 
 
-@register("paged_attention", "triton")
 def _paged_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -291,53 +278,23 @@ def _paged_attention_triton(
     )
 
 
-@register("paged_attention", "cuda", needs="paged_attention_cuda")
-def _paged_attention_cuda(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    *,
-    cu_seqlens_q: torch.Tensor | None,
-    max_seqlen_q: int | None,
-    softmax_scale: float,
-) -> torch.Tensor:
-    return _cxx_paged_attention(
-        torch.ops.llmfast.paged_attention_cuda, q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-        softmax_scale,
-    )
+def _paged_attention_cxx(device_type: str):
+    """paged_attention through ``torch.ops.llmfast.paged_attention_{device_type}``, which takes contiguous
+    inputs and caches strided alike with a unit head_dim stride."""
+
+    def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+               context_lens: torch.Tensor, *, cu_seqlens_q: torch.Tensor | None, max_seqlen_q: int | None,
+               softmax_scale: float) -> torch.Tensor:
+        if not _cxx_cache_layout(k_cache, v_cache):
+            k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+        cu_seqlens_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
+        op = getattr(torch.ops.llmfast, f"paged_attention_{device_type}")
+        return op(q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(),
+                  cu_seqlens_q, softmax_scale)
+
+    return attend
 
 
-def _cxx_paged_attention(op, q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale):
-    if not _cxx_cache_layout(k_cache, v_cache):
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    cu_seqlens_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
-    return op(
-        q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), cu_seqlens_q,
-        softmax_scale,
-    )
-
-
-@register("paged_attention", "cpu", needs="paged_attention_cpu")
-def _paged_attention_cpu(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    *,
-    cu_seqlens_q: torch.Tensor | None,
-    max_seqlen_q: int | None,
-    softmax_scale: float,
-) -> torch.Tensor:
-    return _cxx_paged_attention(
-        torch.ops.llmfast.paged_attention_cpu, q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-        softmax_scale,
-    )
-
-
-@register("paged_attention", "reference")
 def paged_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -366,3 +323,17 @@ def paged_attention_reference(
         )  # (1, queries, heads, head_dim)
         outs.append(o[0])
     return torch.cat(outs) if outs else torch.zeros_like(q)
+
+
+# "auto" follows this order: triton first on CUDA, because its kernel runs the scores and P @ V on tensor
+# cores for a whole GQA group or prefill tile, while the CUDA C++ kernel uses fp32 FMAs (fine for decode,
+# slower for chunked prefill); then cuda; then the C++ CPU kernels (csrc/cpu/paged.cpp), which "auto" takes
+# on CPU tensors (it skips the Triton interpreter there); the reference last.
+for _op, _triton, _cxx, _reference in (
+    ("write_kv_cache", _write_kv_cache_triton, _write_kv_cache_cxx, write_kv_cache_reference),
+    ("paged_attention", _paged_attention_triton, _paged_attention_cxx, paged_attention_reference),
+):
+    register(_op, "triton")(_triton)
+    for _device in ("cuda", "cpu"):
+        register(_op, _device, needs=f"{_op}_{_device}")(_cxx(_device))
+    register(_op, "reference")(_reference)
