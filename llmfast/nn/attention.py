@@ -129,12 +129,12 @@ class MultiheadAttention(torch.nn.Module):
         the general path (causal with a padding that is not right padding, or queries and keys of
         different lengths with causal masking, where torch aligns top-left and llmfast bottom-right)."""
         batch, len_q, len_k = q.shape[0], q.shape[1], k.shape[1]
+        if causal and len_q != len_k:
+            return None
         heads, head_dim = self.num_heads, self.head_dim
         q = q.unflatten(-1, (heads, head_dim))  # (batch, L, heads, head_dim)
         k = k.unflatten(-1, (heads, head_dim))  # (batch, S, heads, head_dim)
         v = v.unflatten(-1, (heads, head_dim))  # (batch, S, heads, head_dim)
-        if causal and len_q != len_k:
-            return None
         if key_padding_mask is None:
             out = attention(q, k, v, causal=causal, backend=self.backend)
             return out.flatten(-2)
