@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmfast.engine.cpu_linear import transpose_linears
 from llmfast.engine.cuda_graphs import DecodeGraphs
 from llmfast.engine.scheduler import ScheduledBatch
 from llmfast.engine.sequence import Sequence
@@ -30,11 +31,13 @@ class ModelRunner:
                              "with causal language models only")
         if quantization is not None:
             _quantize_linears(self.model, QUANT_BITS[quantization])
+        self.dtype = self.model.lm_head.weight.dtype
+        if device.type == "cpu":
+            transpose_linears(self.model)
         cfg = self.model.config
         self.vocab_size = cfg.vocab_size
         # llmfast's attention has no sliding-window mask, so a model with a window is limited to it
         self.max_model_len = min(cfg.max_position_embeddings, getattr(cfg, "sliding_window", None) or 1 << 62)
-        self.dtype = self.model.lm_head.weight.dtype
         self.num_kv_blocks = num_kv_blocks or self._default_num_blocks(
             gpu_memory_utilization, max_num_seqs, max_num_batched_tokens)
         # one tensor (2, layers, blocks, block_size, kv_heads, head_dim); each layer gets views of it. On CPU
