@@ -31,9 +31,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> SamplerOutput:
         """``logits (num_seqs, vocab)``, row ``i`` for ``seqs[i]``'s next token."""
-        logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)  # (num_seqs, vocab)
-        logits = self._penalize(logits.clone(), seqs, eos_token_ids)
+        raw = logits.float()  # the model output; _penalize copies before it changes anything
+        logits = self._penalize(raw, seqs, eos_token_ids)
         params = [seq.params for seq in seqs]
         greedy = torch.tensor([p.greedy for p in params], device=self.device)
         tokens = logits.argmax(dim=-1)  # (num_seqs,)
@@ -41,17 +40,21 @@ class Sampler:
             temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=self.device)
             probs = self._filtered_probs(logits / temperature[:, None], params)
             tokens = torch.where(greedy, tokens, self._race(probs, seqs))
-        sampled = raw_logprobs.gather(1, tokens[:, None])[:, 0]  # (num_seqs,)
-        top = self._top_logprobs(raw_logprobs, tokens, sampled, params)
+        # log-probabilities as x - logsumexp(x): a full log_softmax only for rows that report top tokens
+        log_norm = torch.logsumexp(raw, dim=-1, keepdim=True)  # (num_seqs, 1)
+        sampled = (raw.gather(1, tokens[:, None]) - log_norm)[:, 0]  # (num_seqs,)
+        top = self._top_logprobs(raw, log_norm, tokens, sampled, params)
         return SamplerOutput(tokens.tolist(), sampled.tolist(), top)
 
     def _penalize(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
         num_seqs, vocab = logits.shape
-        for row, seq in enumerate(seqs):  # few rows at most: those still under min_tokens
-            p = seq.params
-            if seq.num_output_tokens < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)
-                logits[row, [t for t in banned if t < vocab]] = float("-inf")
+        under_min = [row for row, seq in enumerate(seqs) if seq.num_output_tokens < seq.params.min_tokens]
+        if under_min:  # few rows at most
+            logits = logits.clone()
+        for row in under_min:
+            p = seqs[row].params
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)
+            logits[row, [t for t in banned if t < vocab]] = float("-inf")
         params = [seq.params for seq in seqs]
         if all(p.repetition_penalty == 1.0 for p in params) and all(
             p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 for p in params
@@ -111,10 +114,11 @@ class Sampler:
         # E = 0 would turn a zero probability into 0/0 = NaN, which argmax takes for the largest
         return (probs / race.clamp_min(torch.finfo(probs.dtype).tiny)).argmax(dim=-1)
 
-    def _top_logprobs(self, raw_logprobs, tokens, sampled, params) -> list[dict[int, Logprob] | None]:
+    def _top_logprobs(self, raw, log_norm, tokens, sampled, params) -> list[dict[int, Logprob] | None]:
         wanted = [p.logprobs for p in params]
         if all(k is None for k in wanted):
             return [None] * len(params)
+        raw_logprobs = raw - log_norm  # (num_seqs, vocab), the same arithmetic as ``sampled``
         k_max = min(max(k or 0 for k in wanted), raw_logprobs.shape[-1])
         top_values, top_ids = raw_logprobs.topk(k_max, dim=-1)  # (num_seqs, k_max), sorted
         sampled_rank = (raw_logprobs > sampled[:, None]).sum(dim=-1) + 1  # (num_seqs,)
