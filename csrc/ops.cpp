@@ -15,6 +15,9 @@ TORCH_LIBRARY(llmfast, m) {
   // Returns x @ dequantized weight.T (+ bias): (M, N) in x.dtype.
   m.def("quant_matmul_cpu(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, str isa='auto')"
         " -> Tensor");
+  // x: (M, K) float32; packed: (ceil(N / 32), K, 32) float32 column panels of an (N, K) weight; n: N;
+  // bias: (N,) float32 or None. Returns x @ weight.T (+ bias): (M, N) float32.
+  m.def("packed_linear_cpu(Tensor x, Tensor packed, int n, Tensor? bias, str isa='auto') -> Tensor");
   // Paged KV cache, layout (num_blocks, block_size, kv_heads, head_dim); see llmfast/ops/paged.py.
   // k, v: (tokens, kv_heads, head_dim); slot_mapping: int64 (tokens,), -1 skips. Writes the caches in place.
   m.def("write_kv_cache_cpu(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping)"

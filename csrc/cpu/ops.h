@@ -35,6 +35,12 @@ at::Tensor quant_matmul_cpu(
     const std::optional<at::Tensor>& bias,
     c10::string_view isa);
 
+// Dense float32 linear for small batches: y = x @ W.T (+ bias) with W (N, K) packed by
+// llmfast.engine.cpu_linear.pack_weight into (ceil(N / 32), K, 32) column panels. x: (M, K) contiguous
+// float32; n: N; bias: (N,) float32 or None; isa as quant_matmul_cpu. Returns y: (M, N) float32.
+at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                             const std::optional<at::Tensor>& bias, c10::string_view isa);
+
 // Paged KV cache (llmfast.ops.paged). k, v: (tokens, kv_heads, head_dim) contiguous; k_cache, v_cache:
 // (num_blocks, block_size, kv_heads, head_dim), same dtype and strides, unit head_dim stride; slot_mapping:
 // int64 (tokens,) contiguous, -1 skips a token. Writes the caches in place.

@@ -1,39 +1,60 @@
-"""Linear layers laid out for CPU inference.
+"""Linear layers of the engine's model on CPU: float32 weights packed for the C++ ``packed_linear_cpu``.
 
-On the CPU benchmark (``benchmarks/bench_throughput.py``: 32 requests on a 512-wide float32 Llama, one
-thread) every ``nn.Linear`` of the engine's model stored as ``(in_features, out_features)`` and run as
-``x @ W`` took the whole run from 7.4 s to 4.7 s with the same greedy tokens. torch's ``F.linear`` hands
-MKL an ``(out, in)`` weight to multiply transposed, which costs most at the few rows of a decode step
-(12.7 ms against 7.1 ms for a one-row step through all of that model's weights).
+MKL's float32 GEMM (behind ``F.linear``) runs far below this CPU's multiply-add rate at the few rows of a
+decode step: on one core of the 2-core AMD EPYC CI machine, a 32000 x 512 output head with cold weights
+took 14.9 ms at 8 rows and 23.0 ms at 32 (``F.linear``) against 3.1 and 11.8 ms packed, and a 1408 x 512
+layer 0.65 ms against 0.44 ms at 32 rows; at 1024 rows the packed kernel was still as fast or faster.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from llmfast import _ext
 
-class TransposedLinear(nn.Module):
-    """``nn.Linear`` for inference with its weight kept transposed: ``(in_features, out_features)``, contiguous."""
+PANEL_COLS = 32  # kPanelCols of csrc/cpu/packed_linear.cpp
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` -> ``(ceil(N / 32), K, 32)`` column panels, zero past ``N``: ``packed[p, k, j] = weight[32p + j, k]``."""
+    n, k = weight.shape
+    panels = -(-n // PANEL_COLS)
+    padded = weight.new_zeros(panels * PANEL_COLS, k)
+    padded[:n] = weight
+    return padded.view(panels, PANEL_COLS, k).transpose(1, 2).contiguous()
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` for float32 CPU inference, its weight held as ``pack_weight`` panels."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        if linear.weight.dtype != torch.float32 or linear.weight.device.type != "cpu":
+            raise TypeError(f"linear: PackedLinear needs a float32 CPU weight, got {linear.weight.dtype} "
+                            f"on {linear.weight.device}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_t", linear.weight.detach().t().contiguous())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("packed", pack_weight(linear.weight.detach()))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().contiguous().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        out = torch.mm(flat, self.weight_t) if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        out = torch.ops.llmfast.packed_linear_cpu(flat, self.packed, self.out_features, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def transpose_linears(model: nn.Module) -> None:
-    """Swaps every plain ``nn.Linear`` of ``model`` (not subclasses, not quantized ones) for a ``TransposedLinear``.
-    An output head tied to the embedding gets its own transposed copy (``vocab x hidden`` more memory)."""
+def pack_linears(model: nn.Module) -> int:
+    """Swaps every plain float32 ``nn.Linear`` of ``model`` (not subclasses, not quantized ones) for a
+    ``PackedLinear``, when the C++ extension is built; returns how many. An output head tied to the
+    embedding gets its own packed copy (``vocab x hidden`` more memory)."""
+    if not _ext.has_op("packed_linear_cpu"):
+        return 0
+    swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, TransposedLinear(child))
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+                setattr(module, name, PackedLinear(child))
+                swapped += 1
+    return swapped

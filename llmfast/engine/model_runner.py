@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmfast.engine.cpu_linear import transpose_linears
+from llmfast.engine.cpu_linear import pack_linears
 from llmfast.engine.cuda_graphs import DecodeGraphs
 from llmfast.engine.scheduler import ScheduledBatch
 from llmfast.engine.sequence import Sequence
@@ -33,7 +33,7 @@ class ModelRunner:
             _quantize_linears(self.model, QUANT_BITS[quantization])
         self.dtype = self.model.lm_head.weight.dtype
         if device.type == "cpu":
-            transpose_linears(self.model)
+            pack_linears(self.model)
         cfg = self.model.config
         self.vocab_size = cfg.vocab_size
         # llmfast's attention has no sliding-window mask, so a model with a window is limited to it

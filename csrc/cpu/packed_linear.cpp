@@ -1,0 +1,175 @@
+// Dense float32 linear on CPU for the engine: y (M, N) = x (M, K) @ W.T (+ bias), W pre-packed into
+// column panels, packed (panels, K, kPanelCols) with packed[p, k, j] = W[p * kPanelCols + j, k] (zero
+// past N), so one panel is a contiguous stream.
+//
+// For each panel a tile of MR rows keeps MR x kPanelCols sums in vector registers; each k adds
+// x[r, k] (broadcast) times the panel's row k, so no horizontal sums are needed and the panel is read
+// once per tile (from L2 after the first tile). Rows run in blocks whose x stays in L2. Compiled three
+// times under target attributes (AVX-512, AVX2 + FMA, baseline) with GCC vector extensions, like
+// quant_matmul.cpp; the widest the CPU has runs.
+#include "ops.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector helpers are always inlined into the target kernels
+
+namespace llmfast {
+namespace {
+
+constexpr int64_t kPanelCols = 32;          // two AVX-512 vectors
+constexpr int64_t kRowBlockBytes = 256 << 10;  // x rows per block: this many bytes stay in L2
+constexpr int64_t kGrainMacs = 1 << 17;     // multiply-adds per parallel task at least
+
+template <int V>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * V)));
+};
+
+template <typename T>
+inline __attribute__((always_inline)) T load(const float* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+struct Args {
+  const float* x;       // (M, K)
+  const float* packed;  // (panels, K, kPanelCols)
+  const float* bias;    // (N,) or null
+  float* y;             // (M, N)
+  int64_t m, k, n;
+};
+
+// Rows [row, row + MR) of panel p.
+template <int V, int MR>
+inline __attribute__((always_inline)) void tile(const Args& a, int64_t p, int64_t row) {
+  using vf = typename Vec<V>::f;
+  constexpr int NV = kPanelCols / V;
+  const float* panel = a.packed + p * a.k * kPanelCols;
+  const float* x = a.x + row * a.k;
+  vf acc[MR][NV] = {};
+  for (int64_t k = 0; k < a.k; ++k) {
+    vf w[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      w[j] = load<vf>(panel + k * kPanelCols + j * V);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const float xv = x[r * a.k + k];
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) {
+        acc[r][j] += xv * w[j];
+      }
+    }
+  }
+  const int64_t col = p * kPanelCols, cols = std::min(kPanelCols, a.n - col);
+  for (int r = 0; r < MR; ++r) {
+    float out[kPanelCols];
+    std::memcpy(out, acc[r], sizeof(out));
+    float* dst = a.y + (row + r) * a.n + col;
+    for (int64_t j = 0; j < cols; ++j) {
+      dst[j] = out[j] + (a.bias ? a.bias[col + j] : 0.f);
+    }
+  }
+}
+
+// `rows` (1 .. MR) rows: the count is a template argument so the sums stay in registers.
+template <int V, int MR>
+inline __attribute__((always_inline)) void tile_rows(const Args& a, int64_t p, int64_t row, int64_t rows) {
+  if constexpr (MR > 1) {
+    if (rows < MR) {
+      tile_rows<V, MR - 1>(a, p, row, rows);
+      return;
+    }
+  }
+  tile<V, MR>(a, p, row);
+}
+
+template <int V, int MR>
+inline __attribute__((always_inline)) void panels(const Args& a, int64_t p_begin, int64_t p_end) {
+  const int64_t block_rows = std::max<int64_t>(MR, kRowBlockBytes / (4 * a.k) / MR * MR);
+  for (int64_t row0 = 0; row0 < a.m; row0 += block_rows) {
+    const int64_t row_end = std::min(a.m, row0 + block_rows);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      for (int64_t row = row0; row < row_end; row += MR) {
+        tile_rows<V, MR>(a, p, row, std::min<int64_t>(MR, row_end - row));
+      }
+    }
+  }
+}
+
+// Sums per tile: MR x (kPanelCols / V) vectors, plus the panel row and one broadcast, fit the registers.
+#if defined(__x86_64__)
+__attribute__((target("avx512f,fma"))) void panels_avx512(const Args& a, int64_t b, int64_t e) {
+  panels<16, 8>(a, b, e);
+}
+__attribute__((target("avx2,fma"))) void panels_avx2(const Args& a, int64_t b, int64_t e) {
+  panels<8, 2>(a, b, e);
+}
+#endif
+void panels_baseline(const Args& a, int64_t b, int64_t e) {
+  panels<4, 1>(a, b, e);
+}
+
+using PanelsFn = void (*)(const Args&, int64_t, int64_t);
+
+PanelsFn pick(c10::string_view isa) {
+  if (isa == "baseline") {
+    return panels_baseline;
+  }
+#if defined(__x86_64__)
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx512" || (isa == "auto" && avx512)) {
+    TORCH_CHECK(avx512, "packed_linear_cpu: isa='avx512' needs AVX-512F and FMA, which this CPU lacks");
+    return panels_avx512;
+  }
+  if (isa == "avx2" || (isa == "auto" && avx2)) {
+    TORCH_CHECK(avx2, "packed_linear_cpu: isa='avx2' needs AVX2 and FMA, which this CPU lacks");
+    return panels_avx2;
+  }
+#endif
+  TORCH_CHECK(isa == "auto", "packed_linear_cpu: isa must be 'auto', 'avx512', 'avx2' or 'baseline' (on x86-64), got '",
+              isa, "'");
+  return panels_baseline;
+}
+
+}  // namespace
+
+at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                             const std::optional<at::Tensor>& bias, c10::string_view isa) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "packed_linear_cpu: x must be a contiguous float32 (M, K) CPU tensor");
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kFloat &&
+                  packed.size(1) == k && packed.size(2) == kPanelCols && packed.device().is_cpu(),
+              "packed_linear_cpu: packed must be a contiguous float32 (panels, K, ", kPanelCols, ") CPU tensor with K = ", k);
+  TORCH_CHECK(n > (packed.size(0) - 1) * kPanelCols && n <= packed.size(0) * kPanelCols,
+              "packed_linear_cpu: n = ", n, " does not match ", packed.size(0), " panels of ", kPanelCols);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() && bias->scalar_type() == at::kFloat,
+                "packed_linear_cpu: bias must be a contiguous float32 (N,) tensor");
+  }
+  const PanelsFn run = pick(isa);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (y.numel() == 0) {
+    return y;
+  }
+  const Args a{x.const_data_ptr<float>(), packed.const_data_ptr<float>(),
+               bias.has_value() ? bias->const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(), m, k, n};
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / (m * k * kPanelCols));
+  at::parallel_for(0, packed.size(0), grain, [&](int64_t begin, int64_t end) { run(a, begin, end); });
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(llmfast, CPU, m) {
+  m.impl("packed_linear_cpu", &packed_linear_cpu);
+}
+
+}  // namespace llmfast
