@@ -87,3 +87,16 @@ def test_pack_linears_swaps_plain_float32_linears_only():
     assert type(model.bf16) is nn.Linear and isinstance(model.quant, QuantLinear)
     torch.testing.assert_close(model.head(model.proj(x)), expected, rtol=1e-5, atol=1e-5)
     assert model.embed.weight.shape == (50, 16)  # the tied head got its own copy; the embedding is intact
+
+
+def test_bench_linear_cpu_smoke(tmp_path):
+    import json
+
+    from llmfast_benchmarks import bench_linear_cpu  # benchmarks/, as installed
+
+    assert bench_linear_cpu.main(["--m", "1,9", "--shapes", "64x96", "--repeats", "1", "--threads", "1",
+                                  "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cpu_linear.json").read_text())["results"]
+    assert {(r["impl"], r["m"]) for r in rows} == {(i, m) for i in ("F.linear", "x @ W.T (W.T contiguous)",
+                                                                    "ours packed") for m in (1, 9)}
+    assert (tmp_path / "cpu_linear.png").exists()

@@ -1,9 +1,9 @@
 """Linear layers of the engine's model on CPU: float32 weights packed for the C++ ``packed_linear_cpu``.
 
 MKL's float32 GEMM (behind ``F.linear``) runs far below this CPU's multiply-add rate at the few rows of a
-decode step: on one core of the 2-core AMD EPYC CI machine, a 32000 x 512 output head with cold weights
-took 14.9 ms at 8 rows and 23.0 ms at 32 (``F.linear``) against 3.1 and 11.8 ms packed, and a 1408 x 512
-layer 0.65 ms against 0.44 ms at 32 rows; at 1024 rows the packed kernel was still as fast or faster.
+decode step. ``benchmarks/results/cpu_linear.json`` (one core of the 2-core AMD EPYC CI machine, cold
+weights): the 32000 x 512 output head of the CPU throughput benchmark took 14.4 ms at 8 rows and 30.2 ms
+at 32 with ``F.linear``, 3.8 and 11.3 ms packed; at 1024 rows the two are within 2% to 19% of each other.
 """
 from __future__ import annotations
 
