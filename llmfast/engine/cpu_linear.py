@@ -3,7 +3,7 @@
 MKL's float32 GEMM (behind ``F.linear``) runs far below this CPU's multiply-add rate at the few rows of a
 decode step. ``benchmarks/results/cpu_linear.json`` (one core of the 2-core AMD EPYC CI machine, cold
 weights): the 32000 x 512 output head of the CPU throughput benchmark took 14.4 ms at 8 rows and 30.2 ms
-at 32 with ``F.linear``, 3.8 and 11.3 ms packed; at 1024 rows the two are within 2% to 19% of each other.
+at 32 with ``F.linear``, 3.8 and 11.3 ms packed; at 1024 rows packed ranges from 2% slower to 19% faster.
 """
 from __future__ import annotations
 
