@@ -63,8 +63,8 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((max_batch,), -1, **ints)
         self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
-        head = model.lm_head.weight  # (vocab, hidden_size)
-        self.hidden = torch.empty(max_batch, head.shape[1], dtype=head.dtype, device=device)
+        # the model's dtype is the cache's (its linear layers may hold their weights in another form)
+        self.hidden = torch.empty(max_batch, model.config.hidden_size, dtype=kv_caches[0][0].dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         try:
             self._capture_all(graph_safe_kernels(device))
