@@ -2,8 +2,8 @@
 
 MKL's float32 GEMM (behind ``F.linear``) runs far below this CPU's multiply-add rate at the few rows of a
 decode step. ``benchmarks/results/cpu_linear.json`` (one core of the 2-core AMD EPYC CI machine, cold
-weights): the 32000 x 512 output head of the CPU throughput benchmark took 14.4 ms at 8 rows and 30.2 ms
-at 32 with ``F.linear``, 3.8 and 11.3 ms packed; at 1024 rows packed ranges from 2% slower to 19% faster.
+weights): the 32000 x 512 output head of the CPU throughput benchmark took 13.0 ms at 8 rows and 32.7 ms
+at 32 with ``F.linear``, 4.8 and 12.0 ms packed; at 1024 rows packed ranges from 7% slower to 15% faster.
 """
 from __future__ import annotations
 
