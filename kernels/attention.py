@@ -54,14 +54,17 @@ def autotuned(kernel, configs, key):
 
 @triton.jit
 def sequence_bounds(b, Cu_seqlens, seqlen, IS_VARLEN: tl.constexpr):
-    """(first token, length) of sequence ``b``: from cu_seqlens (varlen) or ``b * seqlen`` (dense)."""
+    """(first token, length, first row) of sequence ``b``: from cu_seqlens (varlen) or ``b * seqlen``
+    (dense). The first token indexes the LSE rows; the first row is what to add along the sequence stride:
+    the first token for varlen (whose batch strides are 0), 0 for dense (the batch stride does it)."""
     if IS_VARLEN:
         start = tl.load(Cu_seqlens + b)
         length = tl.load(Cu_seqlens + b + 1) - start
     else:
         start = b * seqlen
         length = seqlen
-    return start.to(tl.int64), length
+    start = start.to(tl.int64)
+    return start, length, start if IS_VARLEN else start * 0
 
 
 @triton.jit
@@ -120,15 +123,12 @@ def _attn_fwd_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
-    tok_q, seqlen_q = sequence_bounds(b, Cu_seqlens_q, seqlen_q, IS_VARLEN)
-    tok_k, seqlen_k = sequence_bounds(b, Cu_seqlens_k, seqlen_k, IS_VARLEN)
+    tok_q, seqlen_q, q_seq0 = sequence_bounds(b, Cu_seqlens_q, seqlen_q, IS_VARLEN)
+    _, seqlen_k, k_seq0 = sequence_bounds(b, Cu_seqlens_k, seqlen_k, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     kv_h = h // GROUP  # GQA: read the shared kv head in place, never a repeated copy
     b64 = b.to(tl.int64)
-    # dense: batch offsets come from the batch stride and tok_* is only the LSE row; varlen: batch strides are 0
-    q_seq0 = tok_q if IS_VARLEN else tok_q * 0
-    k_seq0 = tok_k if IS_VARLEN else tok_k * 0
     Q_block = Q + b64 * stride_qb + q_seq0 * stride_qs + h * stride_qh
     K_block = K + b64 * stride_kb + k_seq0 * stride_ks + kv_h * stride_kh
     V_block = V + b64 * stride_vb + k_seq0 * stride_vs + kv_h * stride_vh

@@ -50,11 +50,10 @@ def _attn_bwd_delta_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
-    tok_q, seqlen_q = sequence_bounds(b, Cu_seqlens_q, seqlen_q, IS_VARLEN)
+    tok_q, seqlen_q, q_seq0 = sequence_bounds(b, Cu_seqlens_q, seqlen_q, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     b64 = b.to(tl.int64)
-    q_seq0 = tok_q if IS_VARLEN else tok_q * 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
@@ -83,13 +82,11 @@ def _attn_bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     kv_h = tl.program_id(1)
     b = tl.program_id(2)
-    tok_q, seqlen_q = sequence_bounds(b, Cu_seqlens_q, seqlen_q, IS_VARLEN)
-    tok_k, seqlen_k = sequence_bounds(b, Cu_seqlens_k, seqlen_k, IS_VARLEN)
+    tok_q, seqlen_q, q_seq0 = sequence_bounds(b, Cu_seqlens_q, seqlen_q, IS_VARLEN)
+    _, seqlen_k, k_seq0 = sequence_bounds(b, Cu_seqlens_k, seqlen_k, IS_VARLEN)
     if start_n >= seqlen_k:
         return
     b64 = b.to(tl.int64)
-    q_seq0 = tok_q if IS_VARLEN else tok_q * 0
-    k_seq0 = tok_k if IS_VARLEN else tok_k * 0
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -161,14 +158,12 @@ def _attn_bwd_dq_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
-    tok_q, seqlen_q = sequence_bounds(b, Cu_seqlens_q, seqlen_q, IS_VARLEN)
-    tok_k, seqlen_k = sequence_bounds(b, Cu_seqlens_k, seqlen_k, IS_VARLEN)
+    tok_q, seqlen_q, q_seq0 = sequence_bounds(b, Cu_seqlens_q, seqlen_q, IS_VARLEN)
+    _, seqlen_k, k_seq0 = sequence_bounds(b, Cu_seqlens_k, seqlen_k, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     kv_h = h // GROUP
     b64 = b.to(tl.int64)
-    q_seq0 = tok_q if IS_VARLEN else tok_q * 0
-    k_seq0 = tok_k if IS_VARLEN else tok_k * 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < HEAD_DIM
