@@ -163,13 +163,13 @@ inline const float* fp32_row(const scalar_t* src, float* scratch, int64_t n) {
   }
 }
 
-// Decode: the one query token of ``seq`` (its last position) for every head. One task reads the
-// sequence's slots whole (all kv heads, contiguous) block by block. ``scratch`` holds (heads, context)
-// scores and the (heads, D) query rows and accumulators.
+// Decode: the one query token of ``seq`` (query row ``seq``, its last position) for every head. One
+// task reads the sequence's slots whole (all kv heads, contiguous) block by block. ``scratch`` holds
+// (heads, context) scores and the (heads, D) query rows and accumulators.
 template <typename scalar_t>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void attend_decode(
     const PagedArgs& a, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, scalar_t* o,
-    int64_t seq, int64_t token, std::vector<float>& scratch) {
+    int64_t seq, std::vector<float>& scratch) {
   const int64_t D = a.head_dim, H = a.heads, group = a.heads / a.kv_heads, bs = a.block_size;
   const int64_t context = a.context_lens[seq];
   scratch.resize(H * context + 2 * H * D + D);
@@ -177,7 +177,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   float* q_rows = scores + H * context;  // (H, D), pre-scaled
   float* acc = q_rows + H * D;           // (H, D)
   float* row = acc + H * D;              // (D,): a widened cache row
-  widen(q_rows, q + token * H * D, H * D);
+  widen(q_rows, q + seq * H * D, H * D);
   for (int64_t i = 0; i < H * D; ++i) {
     q_rows[i] *= a.softmax_scale;
   }
@@ -229,7 +229,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
     }
   }
   for (int64_t i = 0; i < H * D; ++i) {
-    o[token * H * D + i] = from_float<scalar_t>(acc[i]);
+    o[seq * H * D + i] = from_float<scalar_t>(acc[i]);
   }
 }
 
@@ -278,34 +278,35 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
               block_tables.const_data_ptr<int32_t>(), context_lens.const_data_ptr<int32_t>(),
               static_cast<float>(softmax_scale)};
-  // Query offsets per sequence: decode has one query each.
-  std::vector<int64_t> offsets(num_seqs + 1);
-  for (int64_t i = 0; i <= num_seqs; ++i) {
-    offsets[i] = cu_seqlens_q ? cu_seqlens_q->const_data_ptr<int32_t>()[i] : i;
-  }
-  // Tasks: (sequence, kv_head, query tile), so one long prefill still spreads over the cores.
+  at::Tensor o = at::empty_like(q);
+  // Chunked prefill: one task per (sequence, kv_head, query tile), so one long prefill still spreads
+  // over the cores. Decode needs none of this: its sequence i is query row i.
   struct Task {
     int64_t seq, tile_begin, tile_end;
   };
+  std::vector<int64_t> offsets;
   std::vector<Task> tasks;
-  for (int64_t i = 0; i < num_seqs; ++i) {
-    const int64_t n_q = offsets[i + 1] - offsets[i];
-    for (int64_t begin = 0; begin < n_q; begin += kQueryTile) {
-      tasks.push_back({i, begin, std::min(n_q, begin + kQueryTile)});
+  if (cu_seqlens_q) {
+    const int32_t* cu = cu_seqlens_q->const_data_ptr<int32_t>();
+    offsets.assign(cu, cu + num_seqs + 1);
+    for (int64_t i = 0; i < num_seqs; ++i) {
+      const int64_t n_q = offsets[i + 1] - offsets[i];
+      for (int64_t begin = 0; begin < n_q; begin += kQueryTile) {
+        tasks.push_back({i, begin, std::min(n_q, begin + kQueryTile)});
+      }
     }
   }
-  at::Tensor o = at::empty_like(q);
   const int64_t kv_heads = a.kv_heads;
   AT_DISPATCH_V2(q.scalar_type(), "paged_attention_cpu", AT_WRAP([&] {
     const scalar_t* q_ptr = q.const_data_ptr<scalar_t>();
     const scalar_t* k_ptr = k_cache.const_data_ptr<scalar_t>();
     const scalar_t* v_ptr = v_cache.const_data_ptr<scalar_t>();
     scalar_t* o_ptr = o.mutable_data_ptr<scalar_t>();
-    if (!cu_seqlens_q) {  // decode: a task per sequence
+    if (!cu_seqlens_q) {
       at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scratch;  // reused by the tasks of this thread
         for (int64_t i = begin; i < end; ++i) {
-          attend_decode<scalar_t>(a, q_ptr, k_ptr, v_ptr, o_ptr, i, i, scratch);
+          attend_decode<scalar_t>(a, q_ptr, k_ptr, v_ptr, o_ptr, i, scratch);
         }
       });
       return;
