@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from llmfast import _ext
 from llmfast.engine.cpu_linear import pack_weight
 from . import common
-from .bench_quant_cpu import cold, last_level_cache_bytes, parse_int_list
-from .common import bench_ms, plot_bars, print_table, save_results
+from .bench_quant_cpu import cold, last_level_cache_bytes
+from .common import plot_bars, print_table, save_results
 
 SHAPES = [(512, 32000), (512, 1408), (1408, 512), (4096, 4096), (4096, 11008)]  # K x N
 MS = [1, 8, 32, 128, 1024]
@@ -32,13 +32,7 @@ OURS = "ours packed"
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    try:
-        shapes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
-    except ValueError:
-        shapes = []
-    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise argparse.ArgumentTypeError(f"expected KxN[,KxN...], got {text!r}")
-    return shapes
+    return common.parse_pairs(text, "KxN")
 
 
 def implementations(k: int, n: int, llc: int) -> dict:
@@ -61,10 +55,7 @@ def run_case(k: int, n: int, m: int, impls: dict, weight: torch.Tensor, repeats:
     err = ((impls[OURS](x).double() - ref).abs().max() / ref.abs().max()).item()
     if err > 1e-5:
         raise AssertionError(f"{OURS}: max error {err:.3g} of the largest output")
-    times = {name: [] for name in impls}
-    for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits every implementation
-        for name, fn in impls.items():
-            times[name].append(bench_ms(lambda: fn(x)))
+    times = common.interleaved_ms({name: lambda fn=fn: fn(x) for name, fn in impls.items()}, repeats)
     rows = []
     for name, ts in times.items():
         ms = statistics.median(ts)
@@ -81,7 +72,7 @@ def run_case(k: int, n: int, m: int, impls: dict, weight: torch.Tensor, repeats:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_linear_cpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=parse_shapes, default=SHAPES, help="K x N list, e.g. 512x32000,4096x4096")
-    parser.add_argument("--m", type=parse_int_list, default=MS, help="batch rows M, e.g. 1,8,32")
+    parser.add_argument("--m", type=common.parse_int_list, default=MS, help="batch rows M, e.g. 1,8,32")
     parser.add_argument("--repeats", type=int, default=3, help="timings per case, implementations interleaved")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--out-dir", type=Path, help="write the JSON + PNG here instead of benchmarks/results/")

@@ -28,6 +28,7 @@ from .common import (
     COPY_TB_S,
     bench_ms,
     default_device,
+    parse_pairs,
     measure_copy_tb_s,
     plot_bars,
     print_table,
@@ -235,13 +236,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
-    try:
-        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"expected NxH[,NxH...], e.g. 4096x4096,16384x4096; got {text!r}")
-    return sizes
+    return parse_pairs(text, "NxH")
 
 
 def main(argv: list[str] | None = None) -> int:

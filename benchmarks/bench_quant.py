@@ -177,7 +177,7 @@ def save(name: str, rows: list[dict], shapes: list, ms_list: list[int], copy_tb_
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_quant", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=bench_quant_cpu.parse_shapes, help="K x N list, e.g. 4096x4096,4096x14336")
-    parser.add_argument("--m", type=bench_quant_cpu.parse_int_list, help="batch rows M, e.g. 1,16,64")
+    parser.add_argument("--m", type=common.parse_int_list, help="batch rows M, e.g. 1,16,64")
     parser.add_argument("--quick", action="store_true", help="a few small cases, results to a temporary folder")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
     parser.add_argument("--out-dir", type=Path, help="write the JSON + PNG here instead of benchmarks/results/")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import llmfast
 from llmfast.quant import QuantizedWeight, quantize
 from . import common
-from .common import bench_ms, plot_bars, print_table, save_results
+from .common import plot_bars, print_table, save_results
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # K x N: attention projection, MLP up, MLP down
 MS = [1, 4, 16, 64]
@@ -91,10 +91,7 @@ def run_case(k: int, n: int, m: int, impls: dict, repeats: int) -> list[dict]:
     for name, (fn, _, w) in impls.items():
         if name.startswith("ours"):
             check(name, fn(x), x, w)
-    times = {name: [] for name in impls}
-    for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits every implementation
-        for name, (fn, _, _) in impls.items():
-            times[name].append(bench_ms(lambda: fn(x)))
+    times = common.interleaved_ms({name: lambda fn=fn: fn(x) for name, (fn, _, _) in impls.items()}, repeats)
     rows = []
     for name, (_, nbytes, _) in impls.items():
         ms = statistics.median(times[name])
@@ -112,24 +109,8 @@ def run_case(k: int, n: int, m: int, impls: dict, repeats: int) -> list[dict]:
     return rows
 
 
-def parse_int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas, got {text!r}")
-    return values
-
-
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    try:
-        shapes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
-    except ValueError:
-        shapes = []
-    if not shapes or any(len(s) != 2 or min(s) < 1 or s[0] % 128 for s in shapes):
-        raise argparse.ArgumentTypeError(f"expected KxN[,KxN...] with K a multiple of 128, got {text!r}")
-    return shapes
+    return common.parse_pairs(text, "KxN", first_multiple_of=128)
 
 
 def save(args: argparse.Namespace, rows: list[dict], llc: int) -> None:
@@ -156,7 +137,7 @@ def save(args: argparse.Namespace, rows: list[dict], llc: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_quant_cpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=parse_shapes, default=SHAPES, help="K x N list, e.g. 4096x4096,4096x11008")
-    parser.add_argument("--m", type=parse_int_list, default=MS, help="batch rows M, e.g. 1,4,16,64")
+    parser.add_argument("--m", type=common.parse_int_list, default=MS, help="batch rows M, e.g. 1,4,16,64")
     parser.add_argument("--repeats", type=int, default=3, help="timings per case, implementations interleaved")
     parser.add_argument("--out-dir", type=Path, help="write the JSON + PNG here instead of benchmarks/results/")
     args = parser.parse_args(argv)

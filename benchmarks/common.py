@@ -6,6 +6,7 @@ and writes ``benchmarks/results/{gpu}_{name}.json`` and ``.png``.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -81,6 +82,41 @@ def bench_ms(
     for _ in range(max(1, int(warmup_ms / estimate))):
         call_ms()
     return statistics.median(call_ms() for _ in range(max(5, int(rep_ms / estimate))))
+
+
+def interleaved_ms(fns: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """``repeats`` ``bench_ms`` timings of each ``name -> fn``, the names taking turns, so that a slow spell of
+    a shared machine hits every implementation."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(bench_ms(fn))
+    return times
+
+
+def parse_int_list(text: str) -> list[int]:
+    """``"1,16,64"`` -> ``[1, 16, 64]`` (positive ints), for argparse."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas, got {text!r}")
+    return values
+
+
+def parse_pairs(text: str, names: str, first_multiple_of: int = 1) -> list[tuple[int, int]]:
+    """``"4096x4096,16384x4096"`` -> positive ``(a, b)`` pairs, ``a`` a multiple of ``first_multiple_of``,
+    for argparse; ``names`` (e.g. ``"KxN"``) names them in the error."""
+    try:
+        pairs = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 or p[0] % first_multiple_of for p in pairs):
+        first = names.split("x")[0]
+        rule = f" with {first} a multiple of {first_multiple_of}" if first_multiple_of > 1 else ""
+        raise argparse.ArgumentTypeError(f"expected {names}[,{names}...]{rule}, got {text!r}")
+    return pairs
 
 
 def tb_per_s(nbytes: float, ms: float) -> float:
