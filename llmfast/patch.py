@@ -17,6 +17,7 @@ from torch import nn
 
 from llmfast import ops
 from llmfast.nn import FusedAddLayerNorm, LayerNorm, RMSNorm
+from llmfast.nn.replace import replace_children
 from llmfast.ops._checks import FLOAT_DTYPES
 from llmfast.ops.attention import MAX_HEAD_DIM
 
@@ -190,18 +191,9 @@ def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
 
 def _swap_norms(model: nn.Module, family: Family) -> None:
     # post-LN blocks first: their nn.LayerNorm becomes a FusedAddLayerNorm, which the second pass leaves alone
-    _replace_children(model, lambda m: FusedPostLN(m) if type(m).__name__ in family.post_ln else None)
-    _replace_children(model, lambda m: _rms_norm(m) if type(m).__name__ in family.rms_norms else None)
-    _replace_children(model, lambda m: _layer_norm(m, LayerNorm) if type(m) is nn.LayerNorm else None)
-
-
-def _replace_children(model: nn.Module, build) -> None:
-    """Puts ``build(child)`` in place of every submodule for which it is not None."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            new = build(child)
-            if new is not None:
-                setattr(parent, name, new)
+    replace_children(model, lambda m: FusedPostLN(m) if type(m).__name__ in family.post_ln else None)
+    replace_children(model, lambda m: _rms_norm(m) if type(m).__name__ in family.rms_norms else None)
+    replace_children(model, lambda m: _layer_norm(m, LayerNorm) if type(m) is nn.LayerNorm else None)
 
 
 def _rms_norm(norm: nn.Module) -> RMSNorm:
@@ -253,4 +245,4 @@ def _quantize_linears(model: nn.Module, bits: int) -> None:
         group_size = next((g for g in _GROUP_SIZES if linear.in_features % g == 0), -1)
         return QuantLinear.from_linear(linear, bits, group_size)
 
-    _replace_children(model, build)
+    replace_children(model, build)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from llmfast import _ext
+from llmfast.nn.replace import replace_children
 
 PANEL_COLS = 32  # kPanelCols of csrc/cpu/packed_linear.cpp
 
@@ -51,10 +52,9 @@ def pack_linears(model: nn.Module) -> int:
     embedding gets its own packed copy (``vocab x hidden`` more memory)."""
     if not _ext.has_op("packed_linear_cpu"):
         return 0
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
-                setattr(module, name, PackedLinear(child))
-                swapped += 1
-    return swapped
+
+    def build(child: nn.Module) -> PackedLinear | None:
+        plain = type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu"
+        return PackedLinear(child) if plain else None
+
+    return replace_children(model, build)

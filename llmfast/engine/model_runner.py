@@ -14,6 +14,7 @@ from llmfast.engine.scheduler import ScheduledBatch
 from llmfast.engine.sequence import Sequence
 from llmfast.models import AttentionMetadata, load_model
 from llmfast.nn.quant_linear import QuantLinear
+from llmfast.nn.replace import replace_children
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 CPU_KV_CACHE_BYTES = 4 << 30  # the most the KV cache takes on CPU without num_kv_blocks (API.md)
@@ -152,8 +153,10 @@ class ModelRunner:
 
 def _quantize_linears(model: nn.Module, bits: int) -> None:
     """Swaps every ``nn.Linear`` but the output head (often tied to the embedding) for a ``QuantLinear``."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child is not model.lm_head:
-                group_size = 128 if child.in_features % 128 == 0 else -1  # -1: one scale per output channel
-                setattr(module, name, QuantLinear.from_linear(child, bits=bits, group_size=group_size))
+    def build(child: nn.Module) -> QuantLinear | None:
+        if not isinstance(child, nn.Linear) or child is model.lm_head:
+            return None
+        group_size = 128 if child.in_features % 128 == 0 else -1  # -1: one scale per output channel
+        return QuantLinear.from_linear(child, bits=bits, group_size=group_size)
+
+    replace_children(model, build)
