@@ -4,7 +4,8 @@
 //   buffer grows with the context.
 // - Decode (one query token): one task per sequence, two passes over its slots: scores of every head,
 //   then one softmax and one weighted sum of the values. fp32 caches are read in place. This took a
-//   32-sequence decode step (contexts ~200, GQA 8/4, head_dim 64) from 4.5 ms to 1.1 ms on one core.
+//   32-sequence decode step (contexts ~200, GQA 8/4, head_dim 64) from 4.5 ms to 1.1 ms on one core
+//   (a one-off timing, warm caches).
 // Inner loops over head_dim are plain loops that -O3 vectorises; the kernels are compiled for AVX-512,
 // AVX2 + FMA and the baseline, picked at load time (target_clones), because the build has no -march flag
 // and the SSE2 copy made chunked prefill slower than the reference.
