@@ -31,10 +31,12 @@ PREPROCESS_BLOCK_M = 64
 # CUDA configs (BLOCK_M, BLOCK_N, num_warps, num_stages). Each kernel keeps two fp32 tiles live beside
 # its inputs (dk and dv; dq and the scores), so its inner tiles are smaller than the forward's, as in
 # FA2: dk/dv hold 64-128 keys and step through 32-64 queries; dq holds 64-128 queries and steps through
-# 32-64 keys. The sm_80 sets are the subsets that fit 164 KB of shared memory at head dim 128.
-SM90_DKDV_CONFIGS = [(m, n, w, s) for m in (32, 64) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+# 32-64 keys. The sm_80 sets are the subsets that fit 164 KB of shared memory at head dim 128. Like the
+# forward's, each set ends with its smallest config, the one that fits everywhere (sm_90, compiled by
+# tests/compile_kernels.py: 128-131 KB at head dim 256 in bf16 and at head dim 128 in fp32).
+SM90_DKDV_CONFIGS = [(m, n, w, s) for m in (64, 32) for n in (128, 64) for w in (4, 8) for s in (3, 2)]
 SM80_DKDV_CONFIGS = [(64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
-SM90_DQ_CONFIGS = [(m, n, w, s) for m in (64, 128) for n in (32, 64) for w in (4, 8) for s in (2, 3)]
+SM90_DQ_CONFIGS = [(m, n, w, s) for m in (128, 64) for n in (64, 32) for w in (4, 8) for s in (3, 2)]
 SM80_DQ_CONFIGS = [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
 
 
