@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from llmfast.ops.attention import attention
+from llmfast_kernels import attention as fwd_kernels
 from .common import BF16_TFLOPS, bench_ms, default_device, plot_bars, print_table, save_results
 
 # (batch, heads, seqlen, head_dim), as issue 3 and BENCHMARKS.md list them
@@ -115,7 +116,11 @@ def time_case(case: Case) -> list[dict]:
         base = {"case": case.label, "causal": case.causal, "impl": impl, "ours": impl == OURS}
         try:
             fwd, inputs = case.make(impl)
+            fwd_kernels._attn_fwd_sm90_either.best_config = None
             out = fwd()  # compiles and autotunes ours; a peer that cannot run this shape raises here
+            if impl == OURS:  # on sm_90 the forward's autotuner also chose between pointer and TMA loads
+                chosen = getattr(fwd_kernels._attn_fwd_sm90_either, "best_config", None)
+                base["fwd_config"] = str(chosen.all_kwargs()) if chosen else None
             dout = torch.randn_like(out)
             out.backward(dout, retain_graph=True)
             fwd_ms = bench_ms(fwd)

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2_E = math.log2(math.e)
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -27,6 +28,8 @@ SM90_CONFIGS = [
     (128, n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)
 ] + [(64, 64, 4, 2), (64, 32, 4, 1)]
 SM80_CONFIGS = [(128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 1)]
+# sm_90 may also load K and V through tensor descriptors (TMA). Whether that pays is the autotuner's
+# call: each sm_90 config is tried both ways (not yet timed on the H100).
 
 
 def interpreter_block(max_seqlen: int) -> int:
@@ -42,14 +45,42 @@ def seqlen_bucket(max_seqlen: int) -> int:
     return min(triton.next_power_of_2(max(max_seqlen, 1)), 16384)
 
 
-def autotuned(kernel, configs, key):
-    """``kernel`` behind triton.autotune over ``configs`` (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def autotuned(kernel, configs, key, tma_loads: tuple[bool, ...] = ()):
+    """``kernel`` behind triton.autotune over ``configs`` (BLOCK_M, BLOCK_N, num_warps, num_stages); for
+    the forward kernel, ``tma_loads`` lists the USE_TMA values each config is tried with."""
+    options = [{"USE_TMA": tma} for tma in tma_loads] or [{}]
     return triton.autotune(
         configs=[
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, **option}, num_warps=w, num_stages=s,
+                          pre_hook=set_tma_block_shapes if option else None)
+            for option in options for m, n, w, s in configs
         ],
         key=key,
     )(kernel)
+
+
+def set_tma_block_shapes(args: dict) -> None:
+    """Autotune pre-hook: a descriptor's box is one (BLOCK_N keys, 1 head, BLOCK_D dims) tile."""
+    for name in ("K_desc", "V_desc"):
+        if args[name] is not None:
+            args[name].block_shape = [args["BLOCK_N"], 1, args["BLOCK_D"]]
+
+
+def kv_descriptors(k: Tensor, v: Tensor, varlen: bool, block_d: int):
+    """(K_desc, V_desc) over (tokens, kv_heads, head_dim), or None where TMA cannot read the tensors:
+    unaligned base or strides, or dense batches whose sequences are not one run of rows."""
+    descriptors = []
+    for t in (k, v):
+        rows = t.shape[0] if varlen else t.shape[0] * t.shape[1]
+        row_stride, head_stride = (t.stride(0), t.stride(1)) if varlen else (t.stride(1), t.stride(2))
+        one_run = varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
+        # storages start 16-byte aligned (PyTorch allocators), so the offset decides the base's alignment
+        aligned = all(x * t.element_size() % 16 == 0 for x in (row_stride, head_stride, t.storage_offset()))
+        if not (one_run and aligned and rows > 0):
+            return None
+        descriptors.append(TensorDescriptor(t, [rows, t.shape[-2], t.shape[-1]], [row_stride, head_stride, 1],
+                                            [16, 1, block_d]))  # the box is set per config
+    return tuple(descriptors)
 
 
 @triton.jit
@@ -69,19 +100,34 @@ def sequence_bounds(b, Cu_seqlens, seqlen, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, m_i, l_i, q, K_block, V_block, stride_ks, stride_vs,
+    acc, m_i, l_i, q, K_block, V_block, stride_ks, stride_vs, K_desc, V_desc, tok_k, kv_h,
     offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Folds key blocks [lo, hi) into (acc, m_i, l_i). MASKED: some scores in these blocks are past
-    seqlen_k or above the causal diagonal; the unmasked loop skips those compares."""
+    seqlen_k or above the causal diagonal; the unmasked loop skips those compares. USE_TMA: K and V tiles
+    come through tensor descriptors (the H100's copy engine) instead of pointer loads."""
     d_mask = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = d_mask & (offs_n[:, None] < seqlen_k)
-        k = tl.load(K_block + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        v = tl.load(V_block + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        if USE_TMA:
+            # the descriptors span every sequence's rows (tokens, kv_heads, head_dim): rows past this
+            # sequence are zeros past the tensor's end, else the next sequence's keys; the masked loop
+            # hides their scores and zeroes their values (0 * NaN would leak)
+            row = (tok_k + start_n).to(tl.int32)
+            k = K_desc.load([row, kv_h, 0]).reshape(BLOCK_N, BLOCK_D).to(DOT_DTYPE)
+            v = V_desc.load([row, kv_h, 0]).reshape(BLOCK_N, BLOCK_D)
+            if MASKED:
+                v = tl.where(kv_mask, v, 0.0)
+            v = v.to(DOT_DTYPE)
+        else:
+            k = tl.load(K_block + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = k.to(DOT_DTYPE)
+            v = tl.load(V_block + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = v.to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             visible = offs_n[None, :] < seqlen_k
@@ -109,6 +155,7 @@ def _attn_fwd_kernel(
     # LSE: (heads, batch * seqlen_q or total_q) fp32
     Q, K, V, O, LSE,
     Cu_seqlens_q, Cu_seqlens_k,  # int32 (batch+1,), read only when IS_VARLEN
+    K_desc, V_desc,  # USE_TMA: descriptors of K, V as (tokens, kv_heads, head_dim); else None
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lse_h,
     seqlen_q, seqlen_k,  # dense lengths (varlen reads cu_seqlens)
@@ -116,7 +163,7 @@ def _attn_fwd_kernel(
     SEQ_BUCKET,  # only an autotuning key
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Grid (cdiv(max_seqlen_q, BLOCK_M), heads, batch). Writes O rows and their natural-log LSE;
     a row that sees no key gets O = 0 and LSE = -inf."""
@@ -124,7 +171,7 @@ def _attn_fwd_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     tok_q, seqlen_q, q_seq0 = sequence_bounds(b, Cu_seqlens_q, seqlen_q, IS_VARLEN)
-    _, seqlen_k, k_seq0 = sequence_bounds(b, Cu_seqlens_k, seqlen_k, IS_VARLEN)
+    tok_k, seqlen_k, k_seq0 = sequence_bounds(b, Cu_seqlens_k, seqlen_k, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     kv_h = h // GROUP  # GQA: read the shared kv head in place, never a repeated copy
@@ -155,12 +202,14 @@ def _attn_fwd_kernel(
     hi = tl.maximum(hi, 0)
     full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attn_fwd_inner(
-        acc, m_i, l_i, q, K_block, V_block, stride_ks, stride_vs, offs_m, offs_d, 0, full_hi,
-        seqlen_k, causal_shift, qk_scale, False, IS_CAUSAL, HEAD_DIM, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
+        acc, m_i, l_i, q, K_block, V_block, stride_ks, stride_vs, K_desc, V_desc, tok_k, kv_h, offs_m, offs_d,
+        0, full_hi, seqlen_k, causal_shift, qk_scale, False, IS_CAUSAL, HEAD_DIM,
+        BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, USE_TMA,
     )
     acc, m_i, l_i = _attn_fwd_inner(
-        acc, m_i, l_i, q, K_block, V_block, stride_ks, stride_vs, offs_m, offs_d, full_hi, hi,
-        seqlen_k, causal_shift, qk_scale, True, IS_CAUSAL, HEAD_DIM, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
+        acc, m_i, l_i, q, K_block, V_block, stride_ks, stride_vs, K_desc, V_desc, tok_k, kv_h, offs_m, offs_d,
+        full_hi, hi, seqlen_k, causal_shift, qk_scale, True, IS_CAUSAL, HEAD_DIM,
+        BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, USE_TMA,
     )
 
     seen = l_i > 0.0
@@ -171,8 +220,10 @@ def _attn_fwd_kernel(
 
 
 FWD_KEY = ["BLOCK_D", "GROUP", "IS_CAUSAL", "IS_VARLEN", "SEQ_BUCKET"]
-_attn_fwd_sm90 = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY)
-_attn_fwd_sm80 = autotuned(_attn_fwd_kernel, SM80_CONFIGS, FWD_KEY)
+_attn_fwd_sm90 = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY, tma_loads=(False,))
+_attn_fwd_sm90_tma = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY, tma_loads=(True,))
+_attn_fwd_sm90_either = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY, tma_loads=(False, True))
+_attn_fwd_sm80 = autotuned(_attn_fwd_kernel, SM80_CONFIGS, FWD_KEY, tma_loads=(False,))
 
 
 def pick(device: torch.device, plain, sm90, sm80):
@@ -180,6 +231,20 @@ def pick(device: torch.device, plain, sm90, sm80):
     if device.type != "cuda":
         return plain
     return sm90 if torch.cuda.get_device_capability(device)[0] >= 9 else sm80
+
+
+def fwd_handle(device: torch.device, use_tma: bool | None, tma_possible: bool):
+    """The forward kernel to launch: plain in the interpreter; on sm_90 autotuned over pointer loads,
+    descriptor loads, or both (use_tma None, where descriptors are possible); on older GPUs pointers."""
+    if device.type != "cuda":
+        return _attn_fwd_kernel
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        if use_tma:
+            raise ValueError("use_tma: tensor descriptor loads need an sm_90 GPU")
+        return _attn_fwd_sm80
+    if use_tma is None:
+        return _attn_fwd_sm90_either if tma_possible else _attn_fwd_sm90
+    return _attn_fwd_sm90_tma if use_tma else _attn_fwd_sm90
 
 
 def layout(t: Tensor, varlen: bool) -> tuple[Tensor, tuple[int, int, int]]:
@@ -216,12 +281,14 @@ def block_d(head_dim: int) -> int:
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-    max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float, use_tma: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q: (batch, seqlen_q, heads, head_dim) or varlen (total_q, heads, head_dim); k, v likewise with
     kv_heads; any strides (head_dim is made unit-stride). Inputs are validated by llmfast.ops.attention.
     Returns (o, lse): o contiguous, shaped like q, in q.dtype; lse (heads, batch * seqlen_q or total_q)
-    float32 natural-log sum of exp of the scaled scores, -inf for rows that see no key."""
+    float32 natural-log sum of exp of the scaled scores, -inf for rows that see no key.
+    use_tma: None lets the sm_90 autotuner choose between pointer and descriptor loads where the
+    tensors allow descriptors; True or False forces one (the interpreter takes pointer loads unless True)."""
     varlen = cu_seqlens_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
     batch, grid_sq, grid_sk, seqlen_q, seqlen_k = launch_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
@@ -236,18 +303,27 @@ def attention_fwd(
         return o, lse
     cu_q = cu_seqlens_q if varlen else lse  # never read when dense
     cu_k = cu_seqlens_k if varlen else lse
-    args = (
-        q, k, v, o, lse, cu_q, cu_k, *q_strides, *k_strides, *v_strides, *o_strides, lse.stride(0),
-        seqlen_q, seqlen_k, softmax_scale * LOG2_E, seqlen_bucket(max(grid_sq, grid_sk)),
-    )
     meta = dict(
         GROUP=heads // k.shape[-2], HEAD_DIM=head_dim, IS_CAUSAL=causal, IS_VARLEN=varlen,
         **dot_meta(q.dtype, q.device), BLOCK_D=block_d(head_dim),
     )
-    kernel = pick(q.device, _attn_fwd_kernel, _attn_fwd_sm90, _attn_fwd_sm80)
+    want_tma = use_tma if use_tma is not None else q.device.type == "cuda"
+    descriptors = kv_descriptors(k, v, varlen, meta["BLOCK_D"]) if want_tma else None
+    if use_tma and descriptors is None:
+        raise ValueError("use_tma: k and v need 16-byte aligned strides and one run of rows for descriptors")
+    kernel = fwd_handle(q.device, use_tma, descriptors is not None)
+    if kernel in (_attn_fwd_sm90, _attn_fwd_sm80):
+        descriptors = None  # pointer loads only
     if kernel is _attn_fwd_kernel:
         block = interpreter_block(max(grid_sq, grid_sk))
-        meta.update(BLOCK_M=block, BLOCK_N=block)
+        meta.update(BLOCK_M=block, BLOCK_N=block, USE_TMA=descriptors is not None)
+        set_tma_block_shapes({"K_desc": descriptors and descriptors[0], "V_desc": descriptors and descriptors[1],
+                              **meta})
+    args = (
+        q, k, v, o, lse, cu_q, cu_k, *(descriptors or (None, None)),
+        *q_strides, *k_strides, *v_strides, *o_strides, lse.stride(0),
+        seqlen_q, seqlen_k, softmax_scale * LOG2_E, seqlen_bucket(max(grid_sq, grid_sk)),
+    )
     grid = lambda META: (triton.cdiv(grid_sq, META["BLOCK_M"]), heads, batch)  # noqa: E731
     kernel[grid](*args, **meta)
     return o, lse

@@ -34,6 +34,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Largest dynamic shared memory one block may use (CUDA occupancy tables): H100 227 KB, A100 163 KB.
 SHARED_LIMIT = {90: 232448, 80: 166912}
@@ -110,12 +111,16 @@ def source(launch: Launch, config) -> tuple[ASTSource, dict]:
     if config is not None:
         values.update(config.kwargs)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        if config.pre_hook is not None:  # e.g. sets the tensor descriptors' boxes for this config
+            config.pre_hook(values)
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         value = values.get(p.name, p.default)
         if p.is_constexpr or value is None or (type(value) is int and value == 1 and not p.do_not_specialize):
             signature[p.name] = "constexpr"
             constexprs[p.name] = value
+        elif isinstance(value, TensorDescriptor):
+            signature[p.name] = f"tensordesc<{POINTER_TYPES[value.base.dtype]}{list(value.block_shape)}>"
         elif isinstance(value, torch.Tensor):
             signature[p.name] = "*" + POINTER_TYPES[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
