@@ -6,7 +6,11 @@
 #   bash benchmarks/gpu_check.sh                               # build, tests, every benchmark
 #   bash benchmarks/gpu_check.sh tests bench:norm              # builds first only if not installed yet
 #   bash benchmarks/gpu_check.sh "bench:norm:--ops rmsnorm --quick"   # bench:NAME[:ARGS]
-#   steps: build, tests (pytest -m gpu), tests:all (the whole suite), bench:NAME[:ARGS]
+#   bash benchmarks/gpu_check.sh tests:attention               # pytest -m gpu tests/test_attention*.py
+#   steps: build, tests (pytest -m gpu), tests:NAME (one family's files), tests:all (the whole suite),
+#   bench:NAME[:ARGS]
+# The attention tests autotune ~50 configs for each of ~30 (dtype, head dim, causal, GQA, varlen) sets,
+# compiling each first (seconds apiece): give them a call of their own.
 #
 # Carried wheels in .whl/ (e.g. liger_kernel, pytest) are installed to /tmp/site first.
 set -o pipefail
@@ -40,8 +44,8 @@ build() {
         python3 -c "import llmfast, llmfast_kernels; print('backends:', llmfast.available_backends('add_rms_norm'))"
 }
 
-gpu_tests() {
-    python3 -m pytest -q -x -m gpu tests/
+gpu_tests() {  # [FILES...], default tests/
+    python3 -m pytest -q -x -m gpu "${@:-tests/}"
     local rc=$?
     [ $rc -eq 5 ] && { echo "no tests are marked gpu"; return 0; }
     return $rc
@@ -63,6 +67,7 @@ for step in "${steps[@]}"; do
         build) run_step build build.log build ;;
         tests) run_step "pytest -m gpu" gpu_tests.log gpu_tests ;;
         tests:all) run_step "pytest (all)" all_tests.log python3 -m pytest -q tests/ ;;
+        tests:*) run_step "pytest -m gpu ${step#tests:}" "gpu_tests_${step#tests:}.log" gpu_tests tests/test_"${step#tests:}"*.py ;;
         bench:*)
             spec=${step#bench:}
             name=${spec%%:*}
@@ -70,7 +75,7 @@ for step in "${steps[@]}"; do
             [[ $spec == *:* ]] && args=${spec#*:}
             # shellcheck disable=SC2086  # ARGS are meant to split into words
             run_step "bench $name $args" "bench_$name.log" python3 -m benchmarks.bench_$name $args ;;
-        *) echo "unknown step '$step' (build, tests, tests:all, bench:NAME[:ARGS])"; failed=$((failed + 1)) ;;
+        *) echo "unknown step '$step' (build, tests, tests:NAME, tests:all, bench:NAME[:ARGS])"; failed=$((failed + 1)) ;;
     esac
 done
 

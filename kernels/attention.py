@@ -22,14 +22,17 @@ TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 # CUDA configs (BLOCK_M, BLOCK_N, num_warps, num_stages). sm_90: the FA2 shapes that keep a 128-row
 # query tile per program; sm_80 (and anything else): smaller tiles that fit 164 KB of shared memory at
-# head dim 128. Configs that do not fit (e.g. head dim 256 with 128x128 tiles) fail to compile and
-# the autotuner drops them, so each set ends with a small config that always fits.
+# head dim 128. Configs whose tiles exceed the GPU's shared memory (e.g. head dim 256 with 128x128
+# tiles) are pruned before compiling (fits_shared_memory), so each set ends with a small config that
+# always fits.
 SM90_CONFIGS = [
     (128, n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)
 ] + [(64, 64, 4, 2), (64, 32, 4, 1)]
 SM80_CONFIGS = [(128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 1)]
-# sm_90 may also load K and V through tensor descriptors (TMA). Whether that pays is the autotuner's
-# call: each sm_90 config is tried both ways (not yet timed on the H100).
+# sm_90 may also load K and V through tensor descriptors (TMA); whether that pays is the autotuner's
+# call (not yet timed on the H100). It is tried with the configs whose fp32 accumulator at head dim 128
+# takes at most 64 registers a thread: compiled for sm_90, the 4-warp 128-row ones spill either way.
+SM90_TMA_CONFIGS = [(m, n, w, s) for m, n, w, s in SM90_CONFIGS if m * 128 // (32 * w) <= 64]
 
 
 def interpreter_block(max_seqlen: int) -> int:
@@ -45,18 +48,41 @@ def seqlen_bucket(max_seqlen: int) -> int:
     return min(triton.next_power_of_2(max(max_seqlen, 1)), 16384)
 
 
-def autotuned(kernel, configs, key, tma_loads: tuple[bool, ...] = ()):
-    """``kernel`` behind triton.autotune over ``configs`` (BLOCK_M, BLOCK_N, num_warps, num_stages); for
-    the forward kernel, ``tma_loads`` lists the USE_TMA values each config is tried with."""
-    options = [{"USE_TMA": tma} for tma in tma_loads] or [{}]
+def autotuned(kernel, configs, key, tiles, tma_configs=(), tma_only: bool = False):
+    """``kernel`` behind triton.autotune over ``configs`` (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned
+    by fits_shared_memory(tiles). The forward kernel's configs also set USE_TMA: False for ``configs``,
+    True for ``tma_configs`` (``tma_only``: no pointer configs)."""
+    def config(m, n, w, s, option):
+        pre_hook = set_tma_block_shapes if option else None
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n, **option}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+
+    fwd = "USE_TMA" in kernel.arg_names
+    pointer = [] if tma_only else [config(*c, {"USE_TMA": False} if fwd else {}) for c in configs]
+    tma = [config(*c, {"USE_TMA": True}) for c in tma_configs]
     return triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n, **option}, num_warps=w, num_stages=s,
-                          pre_hook=set_tma_block_shapes if option else None)
-            for option in options for m, n, w, s in configs
-        ],
-        key=key,
+        configs=pointer + tma, key=key, prune_configs_by={"early_config_prune": fits_shared_memory(tiles)},
     )(kernel)
+
+
+def fits_shared_memory(tiles):
+    """early_config_prune: drop the configs whose 16-bit tiles need more shared memory than the GPU gives
+    one block; they would compile, then fail to load. ``tiles(BLOCK_M, BLOCK_N)`` is (rows held once,
+    rows streamed through num_stages buffers of K and V, or of Q and dO), each BLOCK_D wide. Compiled for
+    sm_90 (tests/compile_kernels.py), the 16-bit configs got exactly these bytes or a little more (less
+    only for small tiles, far under any limit), and each config this drops was over the limit; fp32
+    tiles are laid out otherwise and are not pruned."""
+    def prune(configs, named_args, **meta):
+        q = named_args["Q"]
+        limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", None)
+        if q.element_size() != 2 or limit is None:
+            return configs
+
+        def need(c):
+            held, streamed = tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+            return 2 * meta["BLOCK_D"] * (held + c.num_stages * 2 * streamed)
+
+        return [c for c in configs if need(c) <= limit] or configs[-1:]
+    return prune
 
 
 def set_tma_block_shapes(args: dict) -> None:
@@ -220,10 +246,15 @@ def _attn_fwd_kernel(
 
 
 FWD_KEY = ["BLOCK_D", "GROUP", "IS_CAUSAL", "IS_VARLEN", "SEQ_BUCKET"]
-_attn_fwd_sm90 = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY, tma_loads=(False,))
-_attn_fwd_sm90_tma = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY, tma_loads=(True,))
-_attn_fwd_sm90_either = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY, tma_loads=(False, True))
-_attn_fwd_sm80 = autotuned(_attn_fwd_kernel, SM80_CONFIGS, FWD_KEY, tma_loads=(False,))
+
+def fwd_tiles(block_m: int, block_n: int) -> tuple[int, int]:
+    return block_m, block_n  # Q held; K and V streamed
+
+
+_attn_fwd_sm90 = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY, fwd_tiles)
+_attn_fwd_sm90_tma = autotuned(_attn_fwd_kernel, [], FWD_KEY, fwd_tiles, SM90_TMA_CONFIGS, tma_only=True)
+_attn_fwd_sm90_either = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY, fwd_tiles, SM90_TMA_CONFIGS)
+_attn_fwd_sm80 = autotuned(_attn_fwd_kernel, SM80_CONFIGS, FWD_KEY, fwd_tiles)
 
 
 def pick(device: torch.device, plain, sm90, sm80):

@@ -32,9 +32,12 @@ PREPROCESS_BLOCK_M = 64
 # its inputs (dk and dv; dq and the scores), so its inner tiles are smaller than the forward's, as in
 # FA2: dk/dv hold 64-128 keys and step through 32-64 queries; dq holds 64-128 queries and steps through
 # 32-64 keys. The sm_80 sets are the subsets that fit 164 KB of shared memory at head dim 128. Like the
-# forward's, each set ends with its smallest config, the one that fits everywhere (sm_90, compiled by
-# tests/compile_kernels.py: 128-131 KB at head dim 256 in bf16 and at head dim 128 in fp32).
-SM90_DKDV_CONFIGS = [(m, n, w, s) for m in (64, 32) for n in (128, 64) for w in (4, 8) for s in (3, 2)]
+# forward's, each set ends with a small config that fits everywhere (tests/compile_kernels.py checks it).
+# Compiled for sm_90 at head dim 256 (bf16), every dk/dv config of the grid spills; 32 x 32 with 8 warps
+# is the one that does not (214 registers, 66 KB of shared memory), so it ends that set.
+SM90_DKDV_CONFIGS = [(m, n, w, s) for m in (64, 32) for n in (128, 64) for w in (4, 8) for s in (3, 2)] + [
+    (32, 32, 8, 2)
+]
 SM80_DKDV_CONFIGS = [(64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
 SM90_DQ_CONFIGS = [(m, n, w, s) for m in (128, 64) for n in (64, 32) for w in (4, 8) for s in (3, 2)]
 SM80_DQ_CONFIGS = [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
@@ -206,10 +209,20 @@ def _attn_bwd_dq_kernel(
 
 
 BWD_KEY = ["BLOCK_D", "GROUP", "IS_CAUSAL", "IS_VARLEN", "SEQ_BUCKET"]
-_attn_bwd_dkdv_sm90 = autotuned(_attn_bwd_dkdv_kernel, SM90_DKDV_CONFIGS, BWD_KEY)
-_attn_bwd_dkdv_sm80 = autotuned(_attn_bwd_dkdv_kernel, SM80_DKDV_CONFIGS, BWD_KEY)
-_attn_bwd_dq_sm90 = autotuned(_attn_bwd_dq_kernel, SM90_DQ_CONFIGS, BWD_KEY)
-_attn_bwd_dq_sm80 = autotuned(_attn_bwd_dq_kernel, SM80_DQ_CONFIGS, BWD_KEY)
+
+
+def dkdv_tiles(block_m: int, block_n: int) -> tuple[int, int]:
+    return 2 * block_n, block_m  # K and V held; Q and dO streamed
+
+
+def dq_tiles(block_m: int, block_n: int) -> tuple[int, int]:
+    return 2 * block_m, block_n  # Q and dO held; K and V streamed
+
+
+_attn_bwd_dkdv_sm90 = autotuned(_attn_bwd_dkdv_kernel, SM90_DKDV_CONFIGS, BWD_KEY, dkdv_tiles)
+_attn_bwd_dkdv_sm80 = autotuned(_attn_bwd_dkdv_kernel, SM80_DKDV_CONFIGS, BWD_KEY, dkdv_tiles)
+_attn_bwd_dq_sm90 = autotuned(_attn_bwd_dq_kernel, SM90_DQ_CONFIGS, BWD_KEY, dq_tiles)
+_attn_bwd_dq_sm80 = autotuned(_attn_bwd_dq_kernel, SM80_DQ_CONFIGS, BWD_KEY, dq_tiles)
 
 
 def attention_bwd(

@@ -61,6 +61,7 @@ class Compiled:
     kernel: str
     config: str
     autotuned: bool
+    params: dict = dataclasses.field(default_factory=dict)  # the config's meta-parameters and options
     shared: int = 0
     registers: int = 0
     spill_bytes: int = 0
@@ -77,9 +78,13 @@ def fake_cuda(arch: int):
         launches.append(Launch(case["name"], self, args, kwargs, [None]))
 
     def autotune_run(self, *args, grid=None, warmup=False, **kwargs):
-        launches.append(Launch(case["name"], self.fn, args, kwargs, list(self.configs)))
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs)  # what the autotuner would compile for this launch
+        self.nargs = None
+        launches.append(Launch(case["name"], self.fn, args, kwargs, list(configs)))
 
-    props = types.SimpleNamespace(multi_processor_count=MULTIPROCESSORS[arch], major=arch // 10, minor=arch % 10)
+    props = types.SimpleNamespace(multi_processor_count=MULTIPROCESSORS[arch], major=arch // 10, minor=arch % 10,
+                                  shared_memory_per_block_optin=SHARED_LIMIT[arch])
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(JITFunction, "run", jit_run))
     stack.enter_context(mock.patch.object(Autotuner, "run", autotune_run))
@@ -145,7 +150,8 @@ def resources(cubin: bytes, arch: int) -> tuple[int, int]:
 def compile_launch(launch: Launch, config, arch: int) -> Compiled:
     name = launch.fn.__name__
     label = "plain" if config is None else ", ".join(f"{k}={v}" for k, v in config.all_kwargs().items())
-    result = Compiled(launch.case, name, label, config is not None)
+    params = {} if config is None else dict(config.all_kwargs())
+    result = Compiled(launch.case, name, label, config is not None, params)
     try:
         src, options = source(launch, config)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
