@@ -4,10 +4,11 @@ CI runs the kernels in the interpreter, which checks what they compute but never
 A kernel that does not compile for the GPU, that needs more shared memory than an SM has in every
 config the autotuner may pick, or that spills registers would first show up on the H100. This script
 runs the launchers on fake CUDA tensors (no data, no driver), catches each launch before it reaches the
-driver, and compiles what the launch would have compiled - every config of an autotuned kernel - for
-the target, reading shared memory from the compiled kernel and spills from cuobjdump.
+driver, and compiles what the launch would have compiled - every config an autotuned kernel keeps
+after its pruning - for the target, reading shared memory from the compiled kernel and spills from
+cuobjdump.
 
-    python tests/compile_kernels.py --arch 90 [--quick] [--json FILE]
+    python tests/compile_kernels.py --arch 90 [--quick] [--configs all|last] [--json FILE]
 
 Run without TRITON_INTERPRET (it needs the real compiler); tests/test_compile_kernels.py runs it.
 """
