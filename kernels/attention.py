@@ -100,8 +100,10 @@ def kv_descriptors(k: Tensor, v: Tensor, varlen: bool, block_d: int):
         rows = t.shape[0] if varlen else t.shape[0] * t.shape[1]
         row_stride, head_stride = (t.stride(0), t.stride(1)) if varlen else (t.stride(1), t.stride(2))
         one_run = varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
-        # storages start 16-byte aligned (PyTorch allocators), so the offset decides the base's alignment
-        aligned = all(x * t.element_size() % 16 == 0 for x in (row_stride, head_stride, t.storage_offset()))
+        # storages start 16-byte aligned (PyTorch allocators), so the offset decides the base's alignment;
+        # a broadcast (stride 0) row or head is no tensor map
+        aligned = row_stride > 0 and head_stride > 0 and all(
+            x * t.element_size() % 16 == 0 for x in (row_stride, head_stride, t.storage_offset()))
         if not (one_run and aligned and rows > 0):
             return None
         descriptors.append(TensorDescriptor(t, [rows, t.shape[-2], t.shape[-1]], [row_stride, head_stride, 1],

@@ -63,7 +63,8 @@ def test_tma_refused_where_descriptors_cannot_read():
     q = torch.randn(1, 16, 2, 64, device=DEVICE)
     kv = torch.randn(1, 16, 3, 64, device=DEVICE)[:, :, :2]  # batch rows not one run: (16, 3, 64) strides
     kv_odd = torch.randn(1, 16, 2, 65, device=DEVICE)[..., :64]  # rows of 65 floats: unaligned strides
-    for k in (kv.expand(2, 16, 2, 64), kv_odd):
+    broadcast = torch.randn(1, 1, 2, 64, device=DEVICE).expand(1, 16, 2, 64)  # row stride 0
+    for k in (kv.expand(2, 16, 2, 64), kv_odd, broadcast):
         with pytest.raises(ValueError, match="use_tma"):
             attention_fwd(q.expand(k.shape[0], -1, -1, -1), k, k, None, None, 16, 16, False, 0.125, True)
     # None (auto) falls back to pointer loads for the same tensors
