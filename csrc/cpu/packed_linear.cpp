@@ -8,6 +8,7 @@
 // times under target attributes (AVX-512, AVX2 + FMA, baseline) with GCC vector extensions, like
 // quant_matmul.cpp; the widest the CPU has runs.
 #include "ops.h"
+#include "isa.h"
 
 #include <algorithm>
 #include <cstring>
@@ -119,25 +120,17 @@ void panels_baseline(const Args& a, int64_t b, int64_t e) {
 
 using PanelsFn = void (*)(const Args&, int64_t, int64_t);
 
-PanelsFn pick(c10::string_view isa) {
-  if (isa == "baseline") {
-    return panels_baseline;
-  }
+PanelsFn panels_for(c10::string_view isa) {
+  switch (pick_isa(isa, "packed_linear_cpu")) {
 #if defined(__x86_64__)
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == "avx512" || (isa == "auto" && avx512)) {
-    TORCH_CHECK(avx512, "packed_linear_cpu: isa='avx512' needs AVX-512F and FMA, which this CPU lacks");
-    return panels_avx512;
-  }
-  if (isa == "avx2" || (isa == "auto" && avx2)) {
-    TORCH_CHECK(avx2, "packed_linear_cpu: isa='avx2' needs AVX2 and FMA, which this CPU lacks");
-    return panels_avx2;
-  }
+    case Isa::kAvx512:
+      return panels_avx512;
+    case Isa::kAvx2:
+      return panels_avx2;
 #endif
-  TORCH_CHECK(isa == "auto", "packed_linear_cpu: isa must be 'auto', 'avx512', 'avx2' or 'baseline' (on x86-64), got '",
-              isa, "'");
-  return panels_baseline;
+    default:
+      return panels_baseline;
+  }
 }
 
 }  // namespace
@@ -156,7 +149,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int6
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() && bias->scalar_type() == at::kFloat,
                 "packed_linear_cpu: bias must be a contiguous float32 (N,) tensor");
   }
-  const PanelsFn run = pick(isa);
+  const PanelsFn run = panels_for(isa);
   at::Tensor y = at::empty({m, n}, x.options());
   if (y.numel() == 0) {
     return y;

@@ -11,6 +11,7 @@
 // is picked at run time. They are written with GCC vector extensions, so one source serves all three.
 #include "ops.h"
 #include "half_convert.h"
+#include "isa.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -259,33 +260,22 @@ void block_baseline(const Block& b) {
   block_rows<4, 4>(b);
 }
 
-struct Isa {
+struct Kernels {
   void (*block)(const Block&);
   int lanes;
 };
 
-// The widest instruction set this CPU has ("auto"), or the one named (the narrower ones are there to
-// be tested on a CPU that has the wider ones).
-Isa pick_isa(c10::string_view name) {
-  const Isa baseline{block_baseline, 4};
-  if (name == "baseline") {
-    return baseline;
-  }
+Kernels kernels_for(c10::string_view isa) {
+  switch (pick_isa(isa, "quant_matmul_cpu")) {
 #if defined(__x86_64__)
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (name == "avx512" || (name == "auto" && avx512)) {
-    TORCH_CHECK(avx512, "quant_matmul_cpu: isa='avx512' needs AVX-512F and FMA, which this CPU lacks");
-    return {block_avx512, 16};
-  }
-  if (name == "avx2" || (name == "auto" && avx2)) {
-    TORCH_CHECK(avx2, "quant_matmul_cpu: isa='avx2' needs AVX2 and FMA, which this CPU lacks");
-    return {block_avx2, 8};
-  }
+    case Isa::kAvx512:
+      return {block_avx512, 16};
+    case Isa::kAvx2:
+      return {block_avx2, 8};
 #endif
-  TORCH_CHECK(name == "auto", "quant_matmul_cpu: isa must be 'auto', 'avx512', 'avx2' or 'baseline' (on x86-64), got '",
-              name, "'");
-  return baseline;
+    default:
+      return {block_baseline, 4};
+  }
 }
 
 // x (rows, k) -> float32 xp (rows, k) in the order tile reads: within each whole chunk of
@@ -334,12 +324,12 @@ void prepare_scales(const scalar_t* scales, const scalar_t* zeros, int64_t n, in
 template <typename scalar_t>
 void quant_matmul_rows(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
-                       const Isa& isa, at::Tensor& y) {
+                       const Kernels& kernels, at::Tensor& y) {
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0), groups = scales.size(1);
   const int bits = qweight.scalar_type() == at::kChar ? 8 : 4;
 
   at::Tensor xp = at::empty({m, k}, x.options().dtype(at::kFloat));
-  prepare_x(x.const_data_ptr<scalar_t>(), xp.mutable_data_ptr<float>(), m, k, isa.lanes, 32 / bits);
+  prepare_x(x.const_data_ptr<scalar_t>(), xp.mutable_data_ptr<float>(), m, k, kernels.lanes, 32 / bits);
   // float32 results, written straight into y when y is float32
   at::Tensor yf = y.scalar_type() == at::kFloat ? y : at::empty({m, n}, y.options().dtype(at::kFloat));
   std::vector<float> bias_f;
@@ -351,7 +341,7 @@ void quant_matmul_rows(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int64_t group_size = k / groups;  // a power of two when groups > 1 (llmfast.quant.GROUP_SIZES)
   const int group_shift = groups == 1 ? kOneGroup : __builtin_ctzll(group_size);
   // tile loads a vector of scales from a chunk's first group, so rows are padded by one vector
-  const int64_t scales_stride = groups + isa.lanes;
+  const int64_t scales_stride = groups + kernels.lanes;
   const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (4 * k));
   const int64_t blocks = (n + kCols - 1) / kCols;
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / (kCols * k * std::min(m, panel_rows)));
@@ -367,7 +357,7 @@ void quant_matmul_rows(const at::Tensor& x, const at::Tensor& qweight, const at:
     b.scales = scales_f.data();
     b.zeros = zeros_f.data();
     b.group_shift = group_shift;
-    for (int l = 0; l < isa.lanes; ++l) {
+    for (int l = 0; l < kernels.lanes; ++l) {
       // lane l holds codes of word l; 0 in every lane when a group spans the chunk
       b.lane_group[l] = groups == 1 ? 0 : static_cast<int32_t>(l / (group_size / (32 / bits)));
     }
@@ -386,7 +376,7 @@ void quant_matmul_rows(const at::Tensor& x, const at::Tensor& qweight, const at:
         b.scales_stride = b.cols == kCols ? scales_stride : 0;
         b.y = yf.mutable_data_ptr<float>() + col;
         b.bias = bias_f.empty() ? nullptr : bias_f.data() + col;
-        isa.block(b);
+        kernels.block(b);
       }
     }
   });
@@ -446,7 +436,7 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
                             const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
                             c10::string_view isa) {
   check_inputs(x, qweight, scales, zeros, bias);
-  const Isa kernels = pick_isa(isa);
+  const Kernels kernels = kernels_for(isa);
   at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
   if (y.numel() == 0) {
     return y;
