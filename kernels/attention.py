@@ -48,16 +48,16 @@ def seqlen_bucket(max_seqlen: int) -> int:
     return min(triton.next_power_of_2(max(max_seqlen, 1)), 16384)
 
 
-def autotuned(kernel, configs, key, tiles, tma_configs=(), tma_only: bool = False):
+def autotuned(kernel, configs, key, tiles, tma_configs=()):
     """``kernel`` behind triton.autotune over ``configs`` (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned
     by fits_shared_memory(tiles). The forward kernel's configs also set USE_TMA: False for ``configs``,
-    True for ``tma_configs`` (``tma_only``: no pointer configs)."""
+    True for ``tma_configs``."""
     def config(m, n, w, s, option):
         pre_hook = set_tma_block_shapes if option else None
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n, **option}, num_warps=w, num_stages=s, pre_hook=pre_hook)
 
     fwd = "USE_TMA" in kernel.arg_names
-    pointer = [] if tma_only else [config(*c, {"USE_TMA": False} if fwd else {}) for c in configs]
+    pointer = [config(*c, {"USE_TMA": False} if fwd else {}) for c in configs]
     tma = [config(*c, {"USE_TMA": True}) for c in tma_configs]
     return triton.autotune(
         configs=pointer + tma, key=key, prune_configs_by={"early_config_prune": fits_shared_memory(tiles)},
@@ -94,14 +94,14 @@ def set_tma_block_shapes(args: dict) -> None:
 
 def kv_descriptors(k: Tensor, v: Tensor, varlen: bool, block_d: int):
     """(K_desc, V_desc) over (tokens, kv_heads, head_dim), or None where TMA cannot read the tensors:
-    unaligned base or strides, or dense batches whose sequences are not one run of rows."""
+    unaligned base or strides, a broadcast (stride 0) row or head, or dense batches whose sequences are
+    not one run of rows."""
     descriptors = []
     for t in (k, v):
         rows = t.shape[0] if varlen else t.shape[0] * t.shape[1]
         row_stride, head_stride = (t.stride(0), t.stride(1)) if varlen else (t.stride(1), t.stride(2))
         one_run = varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
-        # storages start 16-byte aligned (PyTorch allocators), so the offset decides the base's alignment;
-        # a broadcast (stride 0) row or head is no tensor map
+        # storages start 16-byte aligned (PyTorch allocators), so the offset decides the base's alignment
         aligned = row_stride > 0 and head_stride > 0 and all(
             x * t.element_size() % 16 == 0 for x in (row_stride, head_stride, t.storage_offset()))
         if not (one_run and aligned and rows > 0):
@@ -254,7 +254,7 @@ def fwd_tiles(block_m: int, block_n: int) -> tuple[int, int]:
 
 
 _attn_fwd_sm90 = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY, fwd_tiles)
-_attn_fwd_sm90_tma = autotuned(_attn_fwd_kernel, [], FWD_KEY, fwd_tiles, SM90_TMA_CONFIGS, tma_only=True)
+_attn_fwd_sm90_tma = autotuned(_attn_fwd_kernel, [], FWD_KEY, fwd_tiles, SM90_TMA_CONFIGS)
 _attn_fwd_sm90_either = autotuned(_attn_fwd_kernel, SM90_CONFIGS, FWD_KEY, fwd_tiles, SM90_TMA_CONFIGS)
 _attn_fwd_sm80 = autotuned(_attn_fwd_kernel, SM80_CONFIGS, FWD_KEY, fwd_tiles)
 
@@ -264,20 +264,6 @@ def pick(device: torch.device, plain, sm90, sm80):
     if device.type != "cuda":
         return plain
     return sm90 if torch.cuda.get_device_capability(device)[0] >= 9 else sm80
-
-
-def fwd_handle(device: torch.device, use_tma: bool | None, tma_possible: bool):
-    """The forward kernel to launch: plain in the interpreter; on sm_90 autotuned over pointer loads,
-    descriptor loads, or both (use_tma None, where descriptors are possible); on older GPUs pointers."""
-    if device.type != "cuda":
-        return _attn_fwd_kernel
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        if use_tma:
-            raise ValueError("use_tma: tensor descriptor loads need an sm_90 GPU")
-        return _attn_fwd_sm80
-    if use_tma is None:
-        return _attn_fwd_sm90_either if tma_possible else _attn_fwd_sm90
-    return _attn_fwd_sm90_tma if use_tma else _attn_fwd_sm90
 
 
 def layout(t: Tensor, varlen: bool) -> tuple[Tensor, tuple[int, int, int]]:
@@ -340,18 +326,21 @@ def attention_fwd(
         GROUP=heads // k.shape[-2], HEAD_DIM=head_dim, IS_CAUSAL=causal, IS_VARLEN=varlen,
         **dot_meta(q.dtype, q.device), BLOCK_D=block_d(head_dim),
     )
-    want_tma = use_tma if use_tma is not None else q.device.type == "cuda"
-    descriptors = kv_descriptors(k, v, varlen, meta["BLOCK_D"]) if want_tma else None
-    if use_tma and descriptors is None:
-        raise ValueError("use_tma: k and v need 16-byte aligned strides and one run of rows for descriptors")
-    kernel = fwd_handle(q.device, use_tma, descriptors is not None)
-    if kernel in (_attn_fwd_sm90, _attn_fwd_sm80):
-        descriptors = None  # pointer loads only
-    if kernel is _attn_fwd_kernel:
+    kernel = pick(q.device, _attn_fwd_kernel, _attn_fwd_sm90, _attn_fwd_sm80)
+    if use_tma and kernel is _attn_fwd_sm80:
+        raise ValueError("use_tma: tensor descriptor loads need an sm_90 GPU")
+    descriptors = None
+    if use_tma or (use_tma is None and kernel is _attn_fwd_sm90):
+        descriptors = kv_descriptors(k, v, varlen, meta["BLOCK_D"])
+        if use_tma and descriptors is None:
+            raise ValueError("use_tma: k and v need 16-byte aligned strides and one run of rows for descriptors")
+    if kernel is _attn_fwd_sm90 and descriptors is not None:
+        kernel = _attn_fwd_sm90_tma if use_tma else _attn_fwd_sm90_either
+    if kernel is _attn_fwd_kernel:  # the interpreter: one fixed config
         block = interpreter_block(max(grid_sq, grid_sk))
         meta.update(BLOCK_M=block, BLOCK_N=block, USE_TMA=descriptors is not None)
-        set_tma_block_shapes({"K_desc": descriptors and descriptors[0], "V_desc": descriptors and descriptors[1],
-                              **meta})
+        for desc in descriptors or ():
+            desc.block_shape = [block, 1, meta["BLOCK_D"]]  # as set_tma_block_shapes does per config
     args = (
         q, k, v, o, lse, cu_q, cu_k, *(descriptors or (None, None)),
         *q_strides, *k_strides, *v_strides, *o_strides, lse.stride(0),
