@@ -23,7 +23,6 @@ from llmfast.ops.attention import MAX_HEAD_DIM
 
 ATTENTION_NAME = "llmfast"
 QUANTIZE_BITS = (4, 8)
-_GROUP_SIZES = (128, 64, 32)  # the largest that divides in_features; else one scale per output channel
 _SDPA_ONLY_KWARGS = ("softcap", "s_aux", "position_bias", "cache")  # features llmfast's attention lacks
 
 
@@ -240,9 +239,6 @@ def _quantize_linears(model: nn.Module, bits: int) -> None:
             linear = nn.Linear(*child.weight.shape, bias=child.bias is not None, device="meta")
             linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
             linear.bias = child.bias
-        if bits == 4 and linear.in_features % 8 != 0:  # int4 packs 8 values per int32
-            return None
-        group_size = next((g for g in _GROUP_SIZES if linear.in_features % g == 0), -1)
-        return QuantLinear.from_linear(linear, bits, group_size)
+        return QuantLinear.from_linear_auto(linear, bits)
 
     replace_children(model, build)

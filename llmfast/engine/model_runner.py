@@ -156,7 +156,6 @@ def _quantize_linears(model: nn.Module, bits: int) -> None:
     def build(child: nn.Module) -> QuantLinear | None:
         if not isinstance(child, nn.Linear) or child is model.lm_head:
             return None
-        group_size = 128 if child.in_features % 128 == 0 else -1  # -1: one scale per output channel
-        return QuantLinear.from_linear(child, bits=bits, group_size=group_size)
+        return QuantLinear.from_linear_auto(child, bits)
 
     replace_children(model, build)

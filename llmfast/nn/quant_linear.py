@@ -52,6 +52,16 @@ class QuantLinear(torch.nn.Module):
             module.bias = torch.nn.Parameter(bias, requires_grad=False)
         return module
 
+    @classmethod
+    def from_linear_auto(cls, linear: torch.nn.Linear, bits: int) -> QuantLinear | None:
+        """``from_linear`` with the largest of 128, 64, 32 that divides ``in_features`` as the group size,
+        else one scale per output channel; None where int4 cannot pack the rows (``in_features`` not a
+        multiple of 8). How llmfast.patch and the engine quantize a model's layers."""
+        if bits == 4 and linear.in_features % 8 != 0:
+            return None
+        group_size = next((g for g in (128, 64, 32) if linear.in_features % g == 0), -1)
+        return cls.from_linear(linear, bits, group_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_matmul(x, self.weight_q, self.bias, backend=self.backend)
 
