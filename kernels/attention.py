@@ -77,12 +77,16 @@ def fits_shared_memory(tiles):
         if q.element_size() != 2 or limit is None:
             return configs
 
-        def need(c):
-            held, streamed = tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
-            return 2 * meta["BLOCK_D"] * (held + c.num_stages * 2 * streamed)
-
-        return [c for c in configs if need(c) <= limit] or configs[-1:]
+        kept = [c for c in configs if tile_bytes(tiles, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
+                                                 meta["BLOCK_D"]) <= limit]
+        return kept or configs[-1:]
     return prune
+
+
+def tile_bytes(tiles, block_m: int, block_n: int, num_stages: int, block_d: int) -> int:
+    """Shared memory of one config's 16-bit tiles, as fits_shared_memory estimates it."""
+    held, streamed = tiles(block_m, block_n)
+    return 2 * block_d * (held + num_stages * 2 * streamed)
 
 
 def set_tma_block_shapes(args: dict) -> None:

@@ -60,9 +60,8 @@ class Launch:
 class Compiled:
     case: str
     kernel: str
-    config: str
     autotuned: bool
-    params: dict = dataclasses.field(default_factory=dict)  # the config's meta-parameters and options
+    params: dict  # the autotune config's meta-parameters and options; {} for a plain launch
     shared: int = 0
     registers: int = 0
     spill_bytes: int = 0
@@ -148,13 +147,10 @@ def resources(cubin: bytes, arch: int) -> tuple[int, int]:
     return usage.get("REG", 0), usage.get("STACK", 0) + usage.get("LOCAL", 0)
 
 
-def compile_launch(launch: Launch, config, arch: int) -> Compiled:
-    name = launch.fn.__name__
-    label = "plain" if config is None else ", ".join(f"{k}={v}" for k, v in config.all_kwargs().items())
-    params = {} if config is None else dict(config.all_kwargs())
-    result = Compiled(launch.case, name, label, config is not None, params)
+def compile_launch(launch: Launch, config, src: ASTSource, options: dict, arch: int) -> Compiled:
+    result = Compiled(launch.case, launch.fn.__name__, config is not None,
+                      {} if config is None else dict(config.all_kwargs()))
     try:
-        src, options = source(launch, config)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # the message is the result: it is reported, not raised
         result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
@@ -271,30 +267,30 @@ def record(arch: int, families: list[str], quick: bool) -> list[Launch]:
     return launches
 
 
-def specialization(launch: Launch, config) -> tuple:
-    """What makes a compiled kernel distinct: many cases launch the same one."""
-    src, options = source(launch, config)
-    return launch.fn.__name__, src.hash(), tuple(sorted(options.items()))
-
-
 def compile_all(launches: list[Launch], arch: int) -> tuple[list[Compiled], int]:
-    """(one result per launch and config, under the launch's case; how many kernels were compiled)."""
+    """(one result per launch and config, under the launch's case; how many kernels were compiled: each
+    specialization once, as many cases launch the same one)."""
     compiled: dict[tuple, Compiled] = {}
     results = []
     for launch in launches:
         for config in launch.configs:
-            key = specialization(launch, config)
+            src, options = source(launch, config)
+            key = (launch.fn.__name__, src.hash(), tuple(sorted(options.items())))
             if key not in compiled:
-                compiled[key] = compile_launch(launch, config, arch)
+                compiled[key] = compile_launch(launch, config, src, options, arch)
             results.append(dataclasses.replace(compiled[key], case=launch.case))
     return results, len(compiled)
+
+
+def label(r: Compiled) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r.params.items()) or "plain"
 
 
 def check(results: list[Compiled], arch: int) -> list[str]:
     """What would fail on the GPU: a compile error; a plain launch over the shared-memory limit; an
     autotuned launch with no config under it (the autotuner drops those that do not fit)."""
     limit = SHARED_LIMIT[arch]
-    problems = [f"{r.case}: {r.kernel} [{r.config}] does not compile: {r.error}" for r in results if r.error]
+    problems = [f"{r.case}: {r.kernel} [{label(r)}] does not compile: {r.error}" for r in results if r.error]
     problems += [f"{r.case}: {r.kernel} needs {r.shared} bytes of shared memory (limit {limit})"
                  for r in results if not r.error and not r.autotuned and r.shared > limit]
     by_launch: dict[tuple[str, str], list[Compiled]] = {}
@@ -325,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         launches = [dataclasses.replace(launch, configs=launch.configs[-1:]) for launch in launches]
     results, kernels = compile_all(launches, args.arch)
     problems = check(results, args.arch)
-    spills = sorted(f"{r.case}: {r.kernel} [{r.config}]: {r.spill_bytes} bytes" for r in results if r.spill_bytes)
+    spills = sorted(f"{r.case}: {r.kernel} [{label(r)}]: {r.spill_bytes} bytes" for r in results if r.spill_bytes)
     print(f"sm_{args.arch}: {len(launches)} launches, {kernels} kernels compiled in "
           f"{time.perf_counter() - start:.0f} s, {len(problems)} problems, {len(spills)} spilling")
     for line in problems:
