@@ -52,7 +52,8 @@ def patch(model: nn.Module, *, attention: bool = True, norm: bool = True, quanti
     model gets its own copy of its config). Parameters are shared with the swapped modules, so ``state_dict``
     keys and values stay, and forward, ``generate`` and ``loss.backward()`` give the same results within
     dtype tolerance. ``quantize``: weight-only round-to-nearest ``llmfast.nn.QuantLinear`` for every linear
-    layer except the output head (inference only; those layers' ``state_dict`` keys become QuantLinear's).
+    layer except the output head (their weights frozen, gradients still pass through them to the layers below;
+    their ``state_dict`` keys become QuantLinear's).
     Returns ``model``. Raises ValueError for a model whose class is not of a ``SUPPORTED`` type.
     """
     family = _family(model)

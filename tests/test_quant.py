@@ -127,6 +127,25 @@ def test_quant_matmul_leading_dims(backend, leading):
     assert torch.equal(y.reshape(-1, 33), flat)
 
 
+@pytest.mark.parametrize("quant", [(8, 32), (4, 64), (4, -1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quant_matmul_gradients_reach_x_and_bias(backend, dtype, quant):
+    """As a frozen nn.Linear: ``x`` and ``bias`` get F.linear's gradients over the dequantized weight."""
+    require_backend(backend, "quant_matmul")
+    qw = quantize(_randn(40, 128, dtype=dtype) * 0.05, *quant)
+    x = _randn(2, 5, 128, dtype=dtype).requires_grad_()
+    bias = _randn(40, dtype=dtype).requires_grad_()
+    grad_y = _randn(2, 5, 40, dtype=dtype)
+    quant_matmul(x, qw, bias, backend=backend).backward(grad_y)
+    x_ref, bias_ref = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    F.linear(x_ref, qw.dequantize().double(), bias_ref).backward(grad_y.double())
+    x_peer, bias_peer = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    F.linear(x_peer, qw.dequantize(), bias_peer).backward(grad_y)
+    assert_close_2x(x.grad, x_peer.grad, x_ref.grad, slack_ulps=1.0 if dtype != torch.float32 else 16.0)
+    assert_close_2x(bias.grad, bias_peer.grad, bias_ref.grad, slack_ulps=1.0 if dtype != torch.float32 else 16.0)
+
+
 @pytest.mark.parametrize("group_size", [64, -1])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", DTYPES)

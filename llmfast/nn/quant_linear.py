@@ -1,4 +1,4 @@
-"""QuantLinear: an inference drop-in for torch.nn.Linear with a weight-only quantized weight."""
+"""QuantLinear: a drop-in for torch.nn.Linear with a frozen, weight-only quantized weight."""
 from __future__ import annotations
 
 import torch
@@ -15,7 +15,8 @@ class QuantLinear(torch.nn.Module):
     from the shapes (zero codes, unit scales) to ``load_state_dict`` a saved one into. ``state_dict`` keys:
     ``weight_q.qweight``, ``weight_q.scales``, ``weight_q.zeros`` (4 bits only) and ``bias``.
     ``forward`` takes ``x (..., in_features)`` in ``dtype`` (the dtype of the quantized weight's scales)
-    and returns ``(..., out_features)``; it is inference-only (no gradients reach the weight).
+    and returns ``(..., out_features)``. The weight is frozen: backward gives ``x`` (and ``bias``, if it is
+    made trainable) their gradients, as a frozen nn.Linear would, and none to the quantized weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,

@@ -106,6 +106,31 @@ def _quant_matmul_cpu(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | 
     )
 
 
+# Gradients (both custom ops): to x and bias, never to the integer codes or their scales, as for a frozen
+# nn.Linear. Without them a QuantLinear inside a model being trained would silently cut the gradient.
+def _save_weight(ctx, inputs, output) -> None:
+    x, qweight, scales, zeros, bias = inputs[:5]
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.has_bias = bias is not None
+
+
+def _quant_matmul_backward(ctx, grad_y):
+    """``grad_y (M, N)`` -> ``grad_x = grad_y @ W (M, K)`` and ``grad_bias = grad_y.sum(0)``; None for the rest."""
+    qweight, scales, zeros = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = QuantizedWeight(qweight, scales, zeros).dequantize()  # (N, K)
+        grad_x = grad_y @ weight.to(grad_y.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad_y.sum(0)
+    return (grad_x, None, None, None, grad_bias) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+_quant_matmul_triton_op.register_autograd(_quant_matmul_backward, setup_context=_save_weight)
+if _ext.has_op("quant_matmul_cpu"):
+    torch.library.register_autograd("llmfast::quant_matmul_cpu", _quant_matmul_backward, setup_context=_save_weight)
+
+
 # auto prefers them in this order
 register("quant_matmul", "triton")(_quant_matmul_triton)
 register("quant_matmul", "cpu", needs="quant_matmul_cpu")(_quant_matmul_cpu)
