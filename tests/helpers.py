@@ -34,6 +34,13 @@ def assert_close_2x(out, peer, ref, *, slack_ulps=1.0):
     assert err <= 2 * err_peer + slack, f"max error {err:.3g} > 2 x peer error {err_peer:.3g} + {slack:.3g}"
 
 
+def mean_pooled_embeddings(hidden, attention_mask):
+    """Sentence embeddings as sentence-transformers makes them: the mask-weighted mean over tokens of
+    ``hidden (batch, seqlen, hidden)``, L2-normalized."""
+    weights = attention_mask[..., None].to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+
+
 @contextlib.contextmanager
 def poison_allocations():
     """Every float tensor allocated with torch.empty/empty_like inside the block starts as NaN, so an

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from llmfast.models import AttentionMetadata, load_model, padded_forward
 from llmfast.models.llama import LlamaConfig
-from helpers import assert_close_2x, tiny_decoder_configs
+from helpers import assert_close_2x, mean_pooled_embeddings, tiny_decoder_configs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every checkpoint here is local; never reach the Hub
 transformers = pytest.importorskip("transformers")
@@ -223,12 +223,8 @@ def test_all_minilm_l6_v2_real_weights_match_hf():
         out = padded_forward(model, batch["input_ids"], batch["attention_mask"], token_type_ids=batch["token_type_ids"])
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(out[keep], ref[keep], atol=ATOL, rtol=0)
-
-    def mean_pool(hidden):
-        weights = batch["attention_mask"][..., None].float()
-        return torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
-
-    cosine = (mean_pool(out) * mean_pool(ref)).sum(-1)
+    mask = batch["attention_mask"]
+    cosine = (mean_pooled_embeddings(out, mask) * mean_pooled_embeddings(ref, mask)).sum(-1)
     assert (cosine > 0.99999).all(), cosine
 
 
@@ -336,6 +332,33 @@ def test_bad_dtype_and_forward_inputs_are_refused(llama_folder):
         model(ids[:1], torch.arange(1), decode, kv_caches=[])
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_embedding_indices_out_of_range_are_refused(tmp_path, family):
+    """Token ids past the vocabulary, learned positions past their table (GPT-2, BERT) and BERT's token types
+    past theirs are a ValueError naming the argument (on CUDA they would be a device-side assert)."""
+    bert = family == "bert"
+    tiny_checkpoint(tmp_path, auto_class="AutoModel" if bert else "AutoModelForCausalLM",
+                    **(BERT if bert else DECODERS[family]))
+    model = load_model(tmp_path)
+    ids, positions, meta = torch.randint(0, VOCAB, (5,)), torch.arange(5), AttentionMetadata.prefill([5], "cpu")
+    for bad_id in (VOCAB, -1):
+        with pytest.raises(ValueError, match=rf"input_ids: expected values in \[0, {VOCAB}\)"):
+            model(torch.cat([ids[:4], torch.tensor([bad_id])]), positions, meta)
+    with pytest.raises(TypeError, match="input_ids"):
+        model(ids.float(), positions, meta)
+    table = model.config.max_position_embeddings
+    if family == "llama":  # rotary positions have no table: past max_position_embeddings they still run
+        model(ids, positions + table, meta)
+    else:
+        with pytest.raises(ValueError, match=rf"positions: expected values in \[0, {table}\)"):
+            model(ids, positions + table - 4, meta)
+    if bert:
+        with pytest.raises(ValueError, match=r"token_type_ids: expected values in \[0, 2\)"):
+            model(ids, positions, meta, token_type_ids=torch.full((5,), 2))
+        with pytest.raises(ValueError, match="token_type_ids: expected None or a tensor of shape"):
+            model(ids, positions, meta, token_type_ids=torch.zeros(4, dtype=torch.long))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", list(DECODERS))
@@ -349,5 +372,28 @@ def test_bf16_on_gpu_within_twice_the_error_of_hf_bf16(tmp_path, family):
     positions = torch.cat([torch.arange(len(s)) for s in seqs]).cuda()
     with torch.no_grad():
         out = model.compute_logits(model(torch.cat(seqs).cuda(), positions, meta)).cpu()
+    assert out.dtype == torch.bfloat16
+    assert_close_2x(out, peer, oracle)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bert_bf16_on_gpu_within_twice_the_error_of_hf_bf16(tmp_path):
+    hf = tiny_checkpoint(tmp_path, auto_class="AutoModel", **{**BERT, "max_position_embeddings": 128})
+    seqs = [torch.randint(0, VOCAB, (n,)) for n in (128, 45, 9)]
+    types = [torch.randint(0, 2, (len(s),)) for s in seqs]
+
+    def hf_hidden(model, device):
+        with torch.no_grad():
+            return torch.cat([model(input_ids=s[None].to(device), token_type_ids=t[None].to(device))
+                              .last_hidden_state[0].cpu() for s, t in zip(seqs, types)])
+
+    oracle = hf_hidden(hf, "cpu")  # float32
+    peer = hf_hidden(hf.to("cuda", torch.bfloat16), "cuda")
+    model = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    meta = AttentionMetadata.prefill([len(s) for s in seqs], "cuda")
+    positions = torch.cat([torch.arange(len(s)) for s in seqs]).cuda()
+    with torch.no_grad():
+        out = model(torch.cat(seqs).cuda(), positions, meta, token_type_ids=torch.cat(types).cuda()).cpu()
     assert out.dtype == torch.bfloat16
     assert_close_2x(out, peer, oracle)

@@ -9,7 +9,7 @@ import torch
 
 from llmfast.nn import FusedAddLayerNorm, LayerNorm, RMSNorm
 from llmfast.patch import SUPPORTED, patch
-from helpers import assert_close_2x, tiny_decoder_configs
+from helpers import assert_close_2x, mean_pooled_embeddings, tiny_decoder_configs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built from a config; never reach the Hub
 transformers = pytest.importorskip("transformers")
@@ -248,6 +248,9 @@ def test_all_minilm_l6_v2_real_weights_match_hf(no_sdpa_fallback):
         expected, out = ref(**batch).last_hidden_state, patched(**batch).last_hidden_state
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(out[keep], expected[keep], atol=ATOL, rtol=0)
+    mask = batch["attention_mask"]
+    cosine = (mean_pooled_embeddings(out, mask) * mean_pooled_embeddings(expected, mask)).sum(-1)
+    assert (cosine > 0.99999).all(), cosine
 
 
 @pytest.mark.gpu

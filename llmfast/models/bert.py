@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmfast.models.layers import activation, attend, check_forward_inputs
+from llmfast.models.layers import activation, attend, check_embedding_indices, check_forward_inputs
 from llmfast.models.metadata import AttentionMetadata
 from llmfast.nn import FusedAddLayerNorm
 
@@ -132,6 +132,13 @@ class BertModel(nn.Module):
         check_forward_inputs(input_ids, positions, meta, None, self.config.num_layers)
         if meta.is_paged:
             raise ValueError("meta: BERT attends over whole sequences; expected prefill metadata, got block_tables")
+        if token_type_ids is not None and getattr(token_type_ids, "shape", None) != input_ids.shape:
+            got = getattr(token_type_ids, "shape", type(token_type_ids).__name__)
+            raise ValueError(f"token_type_ids: expected None or a tensor of shape {tuple(input_ids.shape)} "
+                             f"(one per token), got {got}")
+        check_embedding_indices(input_ids=(input_ids, self.config.vocab_size),
+                                positions=(positions, self.config.max_position_embeddings),
+                                token_type_ids=(token_type_ids, self.config.type_vocab_size))
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, positions, token_type_ids)  # (tokens, hidden)

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from llmfast.models.layers import KVCache, activation, attend, check_forward_inputs
+from llmfast.models.layers import KVCache, activation, attend, check_embedding_indices, check_forward_inputs
 from llmfast.models.metadata import AttentionMetadata
 from llmfast.nn import FusedAddLayerNorm
 
@@ -145,6 +145,8 @@ class GPT2LMHeadModel(nn.Module):
         """As ``LlamaForCausalLM.forward``: flattened ``input_ids, positions (tokens,)`` -> ``(tokens, hidden)``;
         ``positions`` must be below ``max_position_embeddings`` (the learned table's length)."""
         check_forward_inputs(input_ids, positions, meta, kv_caches, self.config.num_layers)
+        check_embedding_indices(input_ids=(input_ids, self.config.vocab_size),
+                                positions=(positions, self.config.max_position_embeddings))
         return self.transformer(input_ids, positions, meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -99,3 +99,28 @@ def check_forward_inputs(
             f"a sequence has {meta.longest_context()} tokens, more than the model's sliding_window "
             f"({sliding_window}); llmfast's attention has no sliding-window mask, so contexts are limited to it"
         )
+
+
+def check_embedding_indices(**bounded: tuple[torch.Tensor | None, int]) -> None:
+    """Each ``name=(tensor, table_size)``: an integer tensor with values in ``[0, table_size)``, or None.
+
+    A lookup past an embedding table is an IndexError on the CPU and a device-side assert on CUDA, which
+    ends the process's CUDA context. One host read for all of them; skipped while a CUDA graph is captured
+    or torch.compile traces (the engine bounds what it feeds then: token ids by the vocabulary, positions by
+    its max_model_len)."""
+    checked = []
+    for name, (tensor, size) in bounded.items():
+        if tensor is None:
+            continue
+        if tensor.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: expected an int64 or int32 tensor (embedding indices), got {tensor.dtype}")
+        if tensor.numel():
+            checked.append((name, tensor, size))
+    capturing = bool(checked) and checked[0][1].is_cuda and torch.cuda.is_current_stream_capturing()
+    if not checked or capturing or torch.compiler.is_compiling():
+        return
+    extremes = torch.stack([v.long() for _, t, _ in checked for v in torch.aminmax(t)]).tolist()
+    for i, (name, _, size) in enumerate(checked):
+        lo, hi = extremes[2 * i], extremes[2 * i + 1]
+        if lo < 0 or hi >= size:
+            raise ValueError(f"{name}: expected values in [0, {size}) (the embedding table's size), got [{lo}, {hi}]")

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from llmfast.models.layers import KVCache, activation, attend, check_forward_inputs
+from llmfast.models.layers import KVCache, activation, attend, check_embedding_indices, check_forward_inputs
 from llmfast.models.metadata import AttentionMetadata
 from llmfast.models.rope import RopeConfig, RotaryEmbedding, apply_rotary
 from llmfast.nn import FusedAddRMSNorm, RMSNorm
@@ -180,6 +180,7 @@ class LlamaForCausalLM(nn.Module):
         ``kv_caches``: per layer ``(k_cache, v_cache)``, each ``(num_blocks, block_size, kv_heads, head_dim)``
         (needed by the paged modes). Returns the final hidden states ``(tokens, hidden)``."""
         check_forward_inputs(input_ids, positions, meta, kv_caches, self.config.num_layers, self.config.sliding_window)
+        check_embedding_indices(input_ids=(input_ids, self.config.vocab_size))
         return self.model(input_ids, positions, meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
