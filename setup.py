@@ -54,7 +54,7 @@ def extensions() -> list:
     exts.append(
         CUDAExtension(
             "llmfast._C_cuda",
-            cuda_sources,
+            cuda_sources + sources("csrc/cuda/*.cpp"),  # module.cpp: the PyInit an import needs
             # An -gencode flag here stops torch from adding its own arch list (TORCH_CUDA_ARCH_LIST).
             extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS + cuda_arch_flags()},
         )

@@ -41,7 +41,7 @@ run_step() {  # run_step NAME LOG COMMAND...: times COMMAND, tees it into logs/L
 
 build() {
     MAX_JOBS=16 LLMFAST_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps -e . &&
-        python3 -c "import llmfast, llmfast_kernels; print('backends:', llmfast.available_backends('add_rms_norm'))"
+        python3 -c "import llmfast, llmfast_kernels, llmfast._C_cuda; print('backends:', llmfast.available_backends('add_rms_norm'))"
 }
 
 gpu_tests() {  # [FILES...], default tests/

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,3 +51,32 @@ def test_built_packages_map_kernels_to_llmfast_kernels(tmp_path):
     top = sorted(p.name for p in tmp_path.iterdir())
     assert top == ["llmfast", "llmfast_benchmarks", "llmfast_kernels"], top
     assert (tmp_path / "llmfast_kernels" / "norm.py").exists()
+
+
+EXTENSION_SOURCES = {  # as setup.py globs them
+    "llmfast._C": ["csrc/ops.cpp", "csrc/cpu/*.cpp"],
+    "llmfast._C_cuda": ["csrc/cuda/*.cu", "csrc/cuda/*.cpp"],
+}
+
+
+@pytest.mark.parametrize("module", list(EXTENSION_SOURCES))
+def test_each_extension_defines_the_python_entry_point_once(module):
+    """`import llmfast._C_cuda` needs a PyInit function in the .so (without it the import fails, and with it
+    the registrations of its ops never run); TORCH_LIBRARY alone does not make one."""
+    setup_py = (ROOT / "setup.py").read_text()
+    globs = EXTENSION_SOURCES[module]
+    assert all(f'"{g}"' in setup_py for g in globs), "setup.py's source globs changed; update this test"
+    files = [f for g in globs for f in sorted(ROOT.glob(g))]
+    defining = [f.name for f in files if "PYBIND11_MODULE(TORCH_EXTENSION_NAME" in f.read_text()]
+    assert len(defining) == 1, (module, defining)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_extension_imports_and_registers_its_ops():
+    import llmfast
+    from llmfast import _ext
+
+    assert _ext.cuda_loaded(), _ext.cuda_error()
+    assert "cuda" in llmfast.available_backends("add_rms_norm")
+    assert "cuda" in llmfast.available_backends("paged_attention")
