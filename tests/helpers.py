@@ -44,8 +44,12 @@ def mean_pooled_embeddings(hidden, attention_mask):
 @contextlib.contextmanager
 def poison_allocations():
     """Every float tensor allocated with torch.empty/empty_like inside the block starts as NaN, so an
-    output element a kernel forgets to write shows up (C++ allocations are not covered)."""
+    output element a kernel forgets to write shows up. C++ allocations (at::empty in the cpu/cuda ops) are
+    NaN-filled too, by PyTorch's deterministic mode with fill_uninitialized_memory (warn-only, so that
+    nondeterministic ops still run)."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = torch.utils.deterministic.fill_uninitialized_memory
 
     def poison(t):
         if t.is_floating_point() and t.device.type != "meta":
@@ -54,10 +58,14 @@ def poison_allocations():
 
     torch.empty = lambda *a, **k: poison(real_empty(*a, **k))
     torch.empty_like = lambda *a, **k: poison(real_empty_like(*a, **k))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     try:
         yield
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def attention_ref(q, k, v, *, causal=False, softmax_scale=None, upcast=True):
