@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import llmfast
-from helpers import require_backend
+from helpers import DEVICE, require_backend
 
 
 class Block(torch.nn.Module):
@@ -42,3 +42,69 @@ def test_fullgraph_compile_matches_eager_with_gradients(backend):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     for g, g_eager in zip(grads, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(g, g_eager, rtol=1e-4, atol=1e-4)
+
+
+def _compiled_matches_eager(fn, *args):
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    torch.testing.assert_close(out, fn(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fullgraph_compile_of_varlen_attention_with_gradients(backend):
+    """Traced, the cu_seqlens values cannot be read: max_seqlen_q/k must be given, and only shapes are checked."""
+    require_backend(backend, "attention", DEVICE)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(n, h, 32, device=DEVICE, requires_grad=True) for n, h in ((10, 4), (12, 2), (12, 2)))
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in ([0, 4, 10], [0, 5, 12]))
+
+    def fn(q, k, v):
+        return llmfast.ops.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=7,
+                                     causal=True, backend=backend)
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected = fn(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    for g, g_eager in zip(grads, torch.autograd.grad(expected.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g, g_eager, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="max_seqlen_q: expected an int under torch.compile"):
+        torch.compile(lambda q: llmfast.ops.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend),
+                      fullgraph=True, backend="aot_eager")(q)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+def test_fullgraph_compile_of_the_paged_ops(backend):
+    require_backend(backend, "paged_attention", DEVICE)
+    torch.manual_seed(0)
+    k_cache, v_cache = (torch.randn(6, 4, 2, 32, device=DEVICE) for _ in range(2))
+    block_tables = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32, device=DEVICE)
+    context_lens = torch.tensor([9, 11], dtype=torch.int32, device=DEVICE)
+    cu_q = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    ops = llmfast.ops
+
+    def write(k):
+        caches = k_cache.clone(), v_cache.clone()
+        ops.write_kv_cache(k, 2 * k, *caches, torch.tensor([0, 5, -1], device=DEVICE), backend=backend)
+        return torch.stack(caches)
+
+    _compiled_matches_eager(lambda q: ops.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                                          backend=backend), torch.randn(2, 4, 32, device=DEVICE))
+    _compiled_matches_eager(lambda q: ops.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                                          cu_seqlens_q=cu_q, max_seqlen_q=6, backend=backend),
+                            torch.randn(10, 4, 32, device=DEVICE))
+    _compiled_matches_eager(write, torch.randn(3, 2, 32, device=DEVICE))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fullgraph_compile_of_multihead_attention_with_a_key_padding_mask(causal):
+    """The fused padding paths gather by the mask's values; traced, the module takes its general path."""
+    torch.manual_seed(0)
+    module = llmfast.nn.MultiheadAttention(64, 4, batch_first=True).to(DEVICE).eval()
+    padding = torch.zeros(2, 7, dtype=torch.bool, device=DEVICE)
+    padding[1, 5:] = True
+    mask = torch.ones(7, 7, dtype=torch.bool, device=DEVICE).triu(1) if causal else None
+    _compiled_matches_eager(lambda x: module(x, x, x, need_weights=False, key_padding_mask=padding, attn_mask=mask,
+                                             is_causal=causal)[0], torch.randn(2, 7, 64, device=DEVICE))

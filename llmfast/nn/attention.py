@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmfast.ops._checks import values_readable
 from llmfast.ops.attention import attention
 
 
@@ -107,7 +108,8 @@ class MultiheadAttention(torch.nn.Module):
         fused = (
             not need_weights
             and (attn_mask is None or causal)
-            and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
+            # the fused padding paths gather by the mask's values, which torch.compile cannot trace
+            and (key_padding_mask is None or (key_padding_mask.dtype == torch.bool and values_readable()))
             and self.bias_k is None
             and not self.add_zero_attn
             and not (self.training and self.dropout > 0)

@@ -71,14 +71,32 @@ def check_heads(q_name: str, q_heads: int, kv_name: str, kv_heads: int) -> None:
         )
 
 
-def check_cu_seqlens(name: str, cu_seqlens: object, num_tokens: int, device: torch.device) -> list[int]:
+def values_readable() -> bool:
+    """Whether checks may read tensor values back to the host. Not while torch.compile traces: its fake
+    tensors have no values, so only dtypes and shapes are checked then (flash-attn checks no more)."""
+    return not torch.compiler.is_compiling()
+
+
+def check_traced_max_seqlen(name: str, value: object, cu_name: str) -> int:
+    """Under torch.compile the longest sequence cannot be read from ``cu_name``: ``value`` must give it."""
+    if value is None:
+        raise ValueError(f"{name}: expected an int under torch.compile, which cannot read {cu_name} to find the "
+                         "longest sequence (pass it, as flash-attn's varlen functions require)")
+    check_int(name, value)
+    return value
+
+
+def check_cu_seqlens(name: str, cu_seqlens: object, num_tokens: int, device: torch.device) -> list[int] | None:
     """``cu_seqlens`` is int32 ``(batch+1,)``: 0, then non-decreasing, ending at ``num_tokens``.
 
-    Returns the per-sequence lengths as a host list (one device sync).
+    Returns the per-sequence lengths as a host list (one device sync); None under torch.compile, where
+    only its dtype and shape are checked (``values_readable``).
     """
     check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
     if cu_seqlens.numel() == 0:
         raise ValueError(f"{name}: expected shape (batch+1,) starting with 0, got an empty tensor")
+    if not values_readable():
+        return None
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"{name}: expected to start at 0, got {offsets[0]}")

@@ -15,6 +15,7 @@ from llmfast.ops._checks import (
     check_same_dtype,
     check_shape,
     check_tensor,
+    check_traced_max_seqlen,
 )
 
 MAX_HEAD_DIM = 256
@@ -104,13 +105,17 @@ def _check_attention_inputs(
     if varlen:
         lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
         lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-        if len(lengths_k) != len(lengths_q):
+        if cu_seqlens_k.shape != cu_seqlens_q.shape:
             raise ValueError(
-                f"cu_seqlens_k: expected shape ({len(lengths_q) + 1},), as cu_seqlens_q, "
+                f"cu_seqlens_k: expected shape {tuple(cu_seqlens_q.shape)}, as cu_seqlens_q, "
                 f"got {tuple(cu_seqlens_k.shape)}"
             )
-        max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q, max(lengths_q, default=0))
-        max_seqlen_k = check_max_seqlen("max_seqlen_k", max_seqlen_k, max(lengths_k, default=0))
+        if lengths_q is None:  # traced by torch.compile
+            max_seqlen_q = check_traced_max_seqlen("max_seqlen_q", max_seqlen_q, "cu_seqlens_q")
+            max_seqlen_k = check_traced_max_seqlen("max_seqlen_k", max_seqlen_k, "cu_seqlens_k")
+        else:
+            max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q, max(lengths_q, default=0))
+            max_seqlen_k = check_max_seqlen("max_seqlen_k", max_seqlen_k, max(lengths_k, default=0))
 
     if softmax_scale is None:
         softmax_scale = head_dim**-0.5

@@ -16,6 +16,8 @@ from llmfast.ops._checks import (
     check_same_dtype,
     check_shape,
     check_tensor,
+    check_traced_max_seqlen,
+    values_readable,
 )
 from llmfast.ops.attention import MAX_HEAD_DIM, dense_attention_reference
 
@@ -56,7 +58,7 @@ def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), device=k.device)
     check_shape("slot_mapping", slot_mapping, (tokens,), "(tokens,), one slot per row of k")
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    if tokens > 0:
+    if tokens > 0 and values_readable():
         lo, hi = torch.stack([slot_mapping.min(), slot_mapping.max()]).tolist()
         if lo < -1 or hi >= num_slots:
             raise ValueError(
@@ -197,9 +199,9 @@ def _check_paged_attention_inputs(
     num_seqs, max_blocks = block_tables.shape
     check_tensor("context_lens", context_lens, dtypes=(torch.int32,), device=q.device)
     check_shape("context_lens", context_lens, (num_seqs,), "(num_seqs,), one per row of block_tables")
-    context = context_lens.tolist()
+    context = context_lens.tolist() if values_readable() else None  # None: traced by torch.compile
     capacity = max_blocks * block_size  # the most tokens one row of block_tables can address
-    for i, n in enumerate(context):
+    for i, n in enumerate(context or ()):
         if not 0 <= n <= capacity:
             raise ValueError(
                 f"context_lens: expected lengths in [0, {capacity}] (max_blocks * block_size), "
@@ -212,10 +214,13 @@ def _check_paged_attention_inputs(
         check_shape("q", q, (num_seqs, None, None), f"{q_layout}, one query per row of block_tables")
     else:
         lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        if len(lengths_q) != num_seqs:
+        if cu_seqlens_q.shape[0] != num_seqs + 1:
             raise ValueError(
                 f"cu_seqlens_q: expected shape ({num_seqs + 1},) (num_seqs+1,), got {tuple(cu_seqlens_q.shape)}"
             )
+        if lengths_q is None:
+            return _scale(softmax_scale, head_dim), check_traced_max_seqlen("max_seqlen_q", max_seqlen_q,
+                                                                              "cu_seqlens_q")
         for i, (n_q, n) in enumerate(zip(lengths_q, context)):
             if n_q > n:
                 raise ValueError(
@@ -224,6 +229,8 @@ def _check_paged_attention_inputs(
                 )
         max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q, max(lengths_q, default=0))
 
+    if context is None:
+        return _scale(softmax_scale, head_dim), max_seqlen_q
     # Only the blocks a context uses must be valid; the rest of a row is padding and never read.
     blocks_used = (context_lens.long() + block_size - 1) // block_size  # (num_seqs,)
     used = torch.arange(max_blocks, device=q.device)[None, :] < blocks_used[:, None]  # (num_seqs, max_blocks)
@@ -236,9 +243,11 @@ def _check_paged_attention_inputs(
                 f"contexts use, got ids from {lo} to {hi}"
             )
 
-    if softmax_scale is None:
-        softmax_scale = head_dim**-0.5
-    return check_positive_float("softmax_scale", softmax_scale), max_seqlen_q
+    return _scale(softmax_scale, head_dim), max_seqlen_q
+
+
+def _scale(softmax_scale: object, head_dim: int) -> float:
+    return check_positive_float("softmax_scale", head_dim**-0.5 if softmax_scale is None else softmax_scale)
 
 
 @torch.library.custom_op("llmfast::paged_attention_triton", mutates_args=(), device_types=("cuda", "cpu"))
