@@ -139,3 +139,16 @@ def test_logprobs_are_the_raw_log_softmax_with_ranks():
         assert entry.logprob == pytest.approx(ref[0, token].item(), abs=1e-6)
         assert entry.rank == order.index(token) + 1
     assert out.top_logprobs[1] is None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n=129), r"n: expected an int in \[1, 128\]"),  # each sample is a sequence the scheduler holds
+    (dict(seed=2**64), "seed"),  # would overflow the 64-bit generator seed once the request runs
+    (dict(n=2, seed=2**63 - 2), "seed"),  # seed + index for the second sample
+    (dict(logprobs=21), r"logprobs: expected an int in \[0, 20\]"),
+    (dict(stop_token_ids=5), "stop_token_ids"),
+])
+def test_sampling_params_bounds_are_checked_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+    SamplingParams(n=128, seed=-(2**63), logprobs=20, stop_token_ids=(3, 4))

@@ -14,11 +14,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: object, low: int, allow_none: bool = False) -> None:
+MAX_N = 128  # samples per request (OpenAI's limit): each is a sequence the scheduler holds
+MAX_LOGPROBS = 20  # top tokens per step (OpenAI's and vLLM's limit)
+
+
+def _check_int(name: str, value: object, low: int, allow_none: bool = False, high: int | None = None) -> None:
     if value is None and allow_none:
         return
-    if not _is_int(value) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}{' or None' if allow_none else ''}, got {value!r}")
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}: expected an int {bound}{' or None' if allow_none else ''}, got {value!r}")
 
 
 def _check_float(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
@@ -53,7 +58,7 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("n", self.n, 1)
+        _check_int("n", self.n, 1, high=MAX_N)
         _check_float("temperature", self.temperature, 0.0, math.inf)
         if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k: expected -1, 0 (both disable top-k) or a positive int, got {self.top_k!r}")
@@ -71,14 +76,16 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop: expected a non-empty string or a list of them, got {self.stop!r}")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids: expected a list of token ids (ints >= 0), got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids: expected a list of token ids (ints >= 0), got {self.stop_token_ids!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos: expected a bool, got {self.ignore_eos!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed: expected an int or None, got {self.seed!r}")
-        _check_int("logprobs", self.logprobs, 0, allow_none=True)
+        # each of the n samples seeds a torch.Generator with seed + index, which must fit in 64 bits
+        _check_int("seed", self.seed, -(2**63), allow_none=True, high=2**63 - 1 - self.n)
+        _check_int("logprobs", self.logprobs, 0, allow_none=True, high=MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:
