@@ -108,18 +108,21 @@ def test_generate_with_a_static_cache_matches_unpatched(no_sdpa_fallback):
     torch.testing.assert_close(patched.generate(ids, **kwargs), ref.generate(ids, **kwargs), atol=0, rtol=0)
 
 
+def gradients(model, ids, mask):
+    """Each trainable parameter's gradient of a fixed random projection of the output (in train mode)."""
+    model.train().zero_grad()
+    torch.manual_seed(1)
+    out = output(model, ids, mask)
+    (out * torch.randn_like(out)).sum().backward()
+    model.eval()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("padding", ["none", "right"])
 def test_gradients_match_unpatched(pair, padding, no_sdpa_fallback):
     ref, patched = pair
     ids, mask = padded_batch(padding)
-    grads = []
-    for model in (ref, patched):
-        model.train().zero_grad()
-        torch.manual_seed(1)
-        out = output(model, ids, mask)
-        (out * torch.randn_like(out)).sum().backward()
-        grads.append({name: p.grad for name, p in model.named_parameters()})
-        model.eval()
+    grads = [gradients(model, ids, mask) for model in (ref, patched)]
     assert list(grads[1]) == list(grads[0])
     for name, expected in grads[0].items():
         torch.testing.assert_close(grads[1][name], expected, atol=ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
@@ -222,13 +225,7 @@ def test_quantized_model_trains_like_its_dequantized_copy(family, bits):
                 target = ref.get_submodule(name)
                 target.weight.copy_(weight if isinstance(target, torch.nn.Linear) else weight.t())  # GPT-2's Conv1D
     ids, mask = padded_batch("right")
-    grads = []
-    for model in (ref, patched):
-        model.train()
-        torch.manual_seed(1)
-        out = output(model, ids, mask)
-        (out * torch.randn_like(out)).sum().backward()
-        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    grads = [gradients(model, ids, mask) for model in (ref, patched)]
     embeddings = [name for name in grads[1] if "emb" in name or "wte" in name]
     assert embeddings and all(grads[1][name] is not None for name in embeddings)  # reached the bottom
     for name, grad in grads[1].items():

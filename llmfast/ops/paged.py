@@ -199,15 +199,6 @@ def _check_paged_attention_inputs(
     num_seqs, max_blocks = block_tables.shape
     check_tensor("context_lens", context_lens, dtypes=(torch.int32,), device=q.device)
     check_shape("context_lens", context_lens, (num_seqs,), "(num_seqs,), one per row of block_tables")
-    context = context_lens.tolist() if values_readable() else None  # None: traced by torch.compile
-    capacity = max_blocks * block_size  # the most tokens one row of block_tables can address
-    for i, n in enumerate(context or ()):
-        if not 0 <= n <= capacity:
-            raise ValueError(
-                f"context_lens: expected lengths in [0, {capacity}] (max_blocks * block_size), "
-                f"got {n} for sequence {i}"
-            )
-
     if decode:
         if max_seqlen_q is not None:
             raise ValueError(f"max_seqlen_q: only used with cu_seqlens_q (chunked prefill), got {max_seqlen_q}")
@@ -218,9 +209,23 @@ def _check_paged_attention_inputs(
             raise ValueError(
                 f"cu_seqlens_q: expected shape ({num_seqs + 1},) (num_seqs+1,), got {tuple(cu_seqlens_q.shape)}"
             )
-        if lengths_q is None:
-            return _scale(softmax_scale, head_dim), check_traced_max_seqlen("max_seqlen_q", max_seqlen_q,
-                                                                              "cu_seqlens_q")
+    if softmax_scale is None:
+        softmax_scale = head_dim**-0.5
+    softmax_scale = check_positive_float("softmax_scale", softmax_scale)
+    if not values_readable():  # traced by torch.compile: the shapes are all that can be checked
+        if not decode:
+            max_seqlen_q = check_traced_max_seqlen("max_seqlen_q", max_seqlen_q, "cu_seqlens_q")
+        return softmax_scale, max_seqlen_q
+
+    context = context_lens.tolist()
+    capacity = max_blocks * block_size  # the most tokens one row of block_tables can address
+    for i, n in enumerate(context):
+        if not 0 <= n <= capacity:
+            raise ValueError(
+                f"context_lens: expected lengths in [0, {capacity}] (max_blocks * block_size), "
+                f"got {n} for sequence {i}"
+            )
+    if not decode:
         for i, (n_q, n) in enumerate(zip(lengths_q, context)):
             if n_q > n:
                 raise ValueError(
@@ -229,8 +234,6 @@ def _check_paged_attention_inputs(
                 )
         max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q, max(lengths_q, default=0))
 
-    if context is None:
-        return _scale(softmax_scale, head_dim), max_seqlen_q
     # Only the blocks a context uses must be valid; the rest of a row is padding and never read.
     blocks_used = (context_lens.long() + block_size - 1) // block_size  # (num_seqs,)
     used = torch.arange(max_blocks, device=q.device)[None, :] < blocks_used[:, None]  # (num_seqs, max_blocks)
@@ -242,12 +245,7 @@ def _check_paged_attention_inputs(
                 f"block_tables: expected block ids in [0, {num_blocks}) (num_blocks) in the blocks the "
                 f"contexts use, got ids from {lo} to {hi}"
             )
-
-    return _scale(softmax_scale, head_dim), max_seqlen_q
-
-
-def _scale(softmax_scale: object, head_dim: int) -> float:
-    return check_positive_float("softmax_scale", head_dim**-0.5 if softmax_scale is None else softmax_scale)
+    return softmax_scale, max_seqlen_q
 
 
 @torch.library.custom_op("llmfast::paged_attention_triton", mutates_args=(), device_types=("cuda", "cpu"))

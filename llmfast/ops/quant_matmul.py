@@ -123,7 +123,8 @@ def _quant_matmul_backward(ctx, grad_y):
         grad_x = grad_y @ weight.to(grad_y.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad_y.sum(0)
-    return (grad_x, None, None, None, grad_bias) + (None,) * (len(ctx.needs_input_grad) - 5)
+    extra = len(ctx.needs_input_grad) - 5  # the C++ op's isa argument
+    return (grad_x, None, None, None, grad_bias) + (None,) * extra
 
 
 _quant_matmul_triton_op.register_autograd(_quant_matmul_backward, setup_context=_save_weight)
