@@ -12,8 +12,9 @@ BENCHMARKS = ("norm", "attention", "quant", "paged", "throughput")
 # (flag, SamplingParams field, type): flags left out keep SamplingParams' defaults
 SAMPLING_FLAGS = (("--n", "n", int), ("--temperature", "temperature", float), ("--top-k", "top_k", int),
                   ("--top-p", "top_p", float), ("--min-p", "min_p", float),
-                  ("--repetition-penalty", "repetition_penalty", float), ("--max-tokens", "max_tokens", int),
-                  ("--min-tokens", "min_tokens", int), ("--seed", "seed", int))
+                  ("--repetition-penalty", "repetition_penalty", float),
+                  ("--presence-penalty", "presence_penalty", float), ("--frequency-penalty", "frequency_penalty", float),
+                  ("--max-tokens", "max_tokens", int), ("--min-tokens", "min_tokens", int), ("--seed", "seed", int))
 
 
 def _fail(command: str, exc: BaseException) -> int:

@@ -17,6 +17,7 @@ import torch
 import llmfast
 from llmfast import ops
 from llmfast.backends import resolve
+from llmfast.device import resolve_device
 
 DEMO_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -196,7 +197,7 @@ def print_backend_table(rows: list[dict]) -> None:
 def main(model: str | Path | None = None, num_prompts: int = 32, max_tokens: int = 64,
          device: str = "auto") -> None:
     """Batched generation on ``model`` (default: the embedded tiny checkpoint), then the backend check."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    dev = resolve_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"llmfast {llmfast.__version__} on {name} (torch {torch.__version__})")
     with tempfile.TemporaryDirectory(prefix="llmfast-demo-") as tmp:

@@ -42,9 +42,10 @@ def test_generate_prints_the_engine_text(checkpoint, stream):
 def test_generate_sampling_flags_and_batches(checkpoint, capsys):
     args = ["generate", "--model", str(checkpoint), "--prompt", "a", "--prompt", "b", "--n", "2", "--seed", "5",
             "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9", "--min-p", "0.01", "--max-tokens", "6",
-            "--stop", "zz", "--stop", "yy"]
+            "--stop", "zz", "--stop", "yy", "--presence-penalty", "0.5", "--frequency-penalty", "-0.3",
+            "--repetition-penalty", "1.2"]
     params = SamplingParams(n=2, seed=5, temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, max_tokens=6,
-                            stop=["zz", "yy"])
+                            stop=["zz", "yy"], presence_penalty=0.5, frequency_penalty=-0.3, repetition_penalty=1.2)
     expected = LLM(checkpoint).generate(["a", "b"], params, use_tqdm=False)
     assert cli.main(args) == 0
     out = capsys.readouterr().out
@@ -61,6 +62,14 @@ def test_generate_sampling_flags_and_batches(checkpoint, capsys):
 def test_generate_reports_bad_arguments(checkpoint, capsys, extra, message):
     assert cli.main(["generate", "--model", str(checkpoint), "--prompt", "a", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:99"])
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_a_device_this_machine_lacks_is_reported(checkpoint, capsys, command, device):
+    args = [command, "--model", str(checkpoint), "--device", device, *(["--prompt", "a"] if command == "generate" else [])]
+    assert cli.main(args) == 2
+    assert f"llmfast {command}: error: device:" in capsys.readouterr().err
 
 
 def test_generate_and_serve_report_a_missing_checkpoint(tmp_path, capsys):

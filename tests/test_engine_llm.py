@@ -279,6 +279,7 @@ def test_token_prompts_need_no_tokenizer(checkpoints):
     (["a", "b"], [SamplingParams()], "one per prompt"),
     (["a"], [dict(temperature=0)], "SamplingParams"),
     ([3.5], None, "prompts"),
+    (["a\ud800b"], None, "surrogate"),
 ])
 def test_bad_inputs_raise_before_anything_runs(llama, prompts, params, match):
     llm, _ = llama
@@ -332,6 +333,23 @@ def test_a_failed_step_leaves_no_uncomputed_block_in_the_prefix_cache(llama, mon
     monkeypatch.setattr(llm.runner, "run", real_run)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p)[0] for p in prompts]
+
+
+def test_an_interrupt_while_queueing_leaves_nothing_queued(llama, monkeypatch):
+    llm, _ = llama
+    real_add = llm.add_request
+    calls = []
+
+    def add_then_interrupt(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_add(*args)
+
+    monkeypatch.setattr(llm, "add_request", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2], [3, 4], [5, 6]], GREEDY, use_tqdm=False)
+    assert not llm.scheduler.has_unfinished() and llm.block_manager.num_free_blocks == llm.runner.num_kv_blocks
 
 
 def test_stream_resumes_after_another_call_finished_its_request(llama):

@@ -130,3 +130,6 @@ def test_cli_reports_bad_arguments(checkpoint, tmp_path, capsys):
     assert "max_length" in capsys.readouterr().err
     assert cli.main(["eval", "ppl", "--model", str(folder), "--file", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+    for device in ("tpu", "cuda:99"):  # a device no machine here has ends cleanly too
+        assert cli.main(["eval", "ppl", "--model", str(folder), "--file", str(text_file), "--device", device]) == 2
+        assert "device" in capsys.readouterr().err

@@ -198,6 +198,8 @@ BAD_BODIES = {
     "prompt too long": {"prompt": [3] * (MAX_LEN + 1)},
     "prompt and max_tokens too long": {"prompt": [3] * 100, "max_tokens": MAX_LEN},
     "seed out of range": {"prompt": "x", "seed": 2**70},
+    "lone surrogate": b'{"prompt": "a\\ud800b"}',
+    "lone surrogate in a list": b'{"prompt": ["fine", "\\udc80"]}',
 }
 BAD_CHAT_BODIES = {
     "missing messages": {"model": MODEL},
@@ -206,6 +208,7 @@ BAD_CHAT_BODIES = {
     "message without role": {"messages": [{"content": "hi"}]},
     "image content": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
     "top_logprobs without logprobs": {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+    "lone surrogate in a message": b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
 }
 
 

@@ -28,8 +28,10 @@ class LLM(LLMEngine):
         """Completes every prompt (a string, a list of strings, or a list of token-id lists) and returns
         one ``RequestOutput`` per prompt, in prompt order. Every input is checked before anything runs."""
         requests = self.check_requests(self._parse_prompts(prompts), sampling_params)
-        seqs = [self.add_request(text, ids, params) for text, ids, params in requests]
+        seqs: list[list[Sequence]] = []
         try:
+            for text, ids, params in requests:
+                seqs.append(self.add_request(text, ids, params))
             self._run(seqs, use_tqdm)
         finally:  # an interrupted call leaves nothing queued behind it
             self.abort([s for group in seqs for s in group])
@@ -131,12 +133,7 @@ class LLM(LLMEngine):
             if isinstance(prompt, dict):  # vLLM's TextPrompt / TokensPrompt
                 prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
             if isinstance(prompt, str):
-                if not prompt:
-                    raise ValueError(f"prompts[{i}]: the prompt is empty")
-                if self.tokenizer is None:
-                    raise ValueError(f"prompts[{i}]: a text prompt needs a tokenizer, and the checkpoint has none; "
-                                     "pass token ids instead")
-                parsed.append((prompt, list(self.tokenizer(prompt).input_ids)))
+                parsed.append((prompt, self.encode(prompt, f"prompts[{i}]")))
             elif isinstance(prompt, (list, tuple)):
                 parsed.append((None, list(prompt)))
             else:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from llmfast.device import resolve_device
 from llmfast.engine.block_manager import BlockManager
 from llmfast.engine.detokenizer import Detokenizer, load_tokenizer
 from llmfast.engine.model_runner import QUANT_BITS, ModelRunner
@@ -23,20 +24,6 @@ def _check_positive_int(name: str, value: object, allow_none: bool = False) -> N
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for, but no CUDA GPU is available")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: the engine runs on cpu or cuda, got {device}")
-    return device
 
 
 def _eos_token_ids(path: Path, tokenizer) -> set[int]:
@@ -72,7 +59,7 @@ class LLMEngine:
             raise ValueError(f"enforce_eager: expected a bool, got {enforce_eager!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed: expected an int, got {seed!r}")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.runner = ModelRunner(model, dtype=dtype, device=self.device, quantization=quantization,
                                   block_size=block_size, num_kv_blocks=num_kv_blocks,
                                   gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
@@ -88,6 +75,20 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler(self.device, seed)
         self._request_ids = itertools.count()
+
+    def encode(self, text: str, name: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of a text prompt; a ValueError naming ``name`` when it cannot be tokenized."""
+        if not text:
+            raise ValueError(f"{name}: the prompt is empty")
+        if self.tokenizer is None:
+            raise ValueError(f"{name}: a text prompt needs a tokenizer, and the checkpoint has none; "
+                             "pass token ids instead")
+        try:  # JSON and Python strings can hold lone surrogates, which no tokenizer can encode
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{name}: the text is not valid Unicode: a lone surrogate {text[exc.start]!r} at "
+                             f"character {exc.start}") from None
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
         """Queues the ``params.n`` sequences of one (validated) request."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from llmfast.device import resolve_device
 from llmfast.models.bert import BertModel
 from llmfast.models.gpt2 import GPT2LMHeadModel
 from llmfast.models.llama import MODEL_TYPES as LLAMA_TYPES
@@ -25,7 +26,8 @@ _SHOWN = 5  # names listed in an error before "and N more"
 def load_model(
     path: str | Path, *, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu"
 ) -> torch.nn.Module:
-    """The model of checkpoint folder ``path``, in eval mode, its parameters in ``dtype`` on ``device``.
+    """The model of checkpoint folder ``path``, in eval mode, its parameters in ``dtype`` on ``device``
+    (cpu, cuda, or "auto" for the GPU when there is one).
 
     ``path`` holds ``config.json`` (its ``model_type`` one of ``MODEL_CLASSES``) and the weights as one or
     more ``*.safetensors`` files (sharded: listed by ``model.safetensors.index.json``), in any float dtype.
@@ -33,6 +35,7 @@ def load_model(
     ``torch_dtype`` (float32 when absent). Raises FileNotFoundError for missing files and ValueError for an
     unsupported model or tensors that do not fit it (missing, unexpected, or of the wrong shape).
     """
+    device = resolve_device(device)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"path: no checkpoint folder at {folder}")

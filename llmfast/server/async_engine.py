@@ -140,11 +140,7 @@ class AsyncEngine:
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> tuple[str | None, list[int]]:
         if not isinstance(prompt, str):
             return None, list(prompt)
-        if not prompt:
-            raise ValueError("prompt: the prompt is empty")
-        if self.llm.tokenizer is None:
-            raise ValueError("prompt: this model has no tokenizer; send token ids instead of text")
-        return prompt, list(self.llm.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
+        return prompt, self.llm.encode(prompt, "prompt", add_special_tokens)
 
     def _check_length(self, prompt_token_ids: list[list[int]], max_tokens: int | None) -> None:
         """vLLM's rule: the prompt and ``max_tokens`` together must fit the model's length."""

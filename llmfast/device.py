@@ -1,0 +1,22 @@
+"""Which device a model runs on, checked before anything is allocated there."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device: str | torch.device, name: str = "device") -> torch.device:
+    """``"auto"`` (a CUDA GPU when one is visible, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, or a
+    torch.device of those; a ValueError naming ``name`` for anything else or for a GPU this machine lacks."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: expected 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: llmfast models run on cpu or cuda, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: {device} was asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}: {device} was asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
