@@ -1,8 +1,10 @@
-"""The engine in bfloat16 on CUDA against Hugging Face ``generate`` in bfloat16 (both with and without CUDA
-graphs). Two correct bf16 implementations round differently, so their greedy tokens may part after a near
-tie; the test allows exactly that: every token we pick must be an argmax of the float32 oracle (the same
-bf16-rounded weights, computed in float32) within twice HF bf16's own logit error at that step (the 2x rule),
-and where HF's tokens part from ours, the two choices must be such a near tie."""
+"""The engine in bfloat16 on CUDA against Hugging Face ``generate`` in bfloat16: with and without CUDA
+graphs, under preemption, chunked prefill and shared prefixes, and quantized (against HF holding the
+dequantized weights); then seeded sampling. Two correct bf16 implementations round differently, so their
+greedy tokens may part after a near tie; the tests allow exactly that: every token we pick must be an
+argmax of the float32 oracle (the same bf16-rounded weights, computed in float32) within twice HF bf16's
+own logit error at that step (the 2x rule), and where HF's tokens part from ours, the two choices must be
+such a near tie."""
 import copy
 import os
 
@@ -43,19 +45,12 @@ def check_greedy_against_hf(prompt, ours, theirs, oracle, peer):
         assert near <= tol[parted], f"HF's tokens part from ours at step {parted} without a near tie"
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("enforce_eager", [False, True])
-def test_bf16_greedy_follows_hf_generate_until_a_near_tie(tmp_path, enforce_eager):
-    peer = tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4).cuda().eval()
-    oracle = copy.deepcopy(peer).float().cpu()
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 384, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
-    llm = LLM(tmp_path, device="cuda", enforce_eager=enforce_eager)
+def generate_and_check(llm, prompts, peer, oracle) -> int:
+    """Greedy-generates ``prompts`` with the engine and with ``peer.generate``, checks every prompt with
+    ``check_greedy_against_hf``; returns how many gave HF's exact tokens."""
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    outs = llm.generate(prompts, params, use_tqdm=False)
     same = 0
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
         ours = out.outputs[0].token_ids
         ids = torch.tensor([prompt], device="cuda")  # with a mask, so that token 0 is not taken for padding
         theirs = peer.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_TOKENS,
@@ -63,4 +58,92 @@ def test_bf16_greedy_follows_hf_generate_until_a_near_tie(tmp_path, enforce_eage
         assert len(ours) == len(theirs) == MAX_TOKENS
         check_greedy_against_hf(prompt, ours, theirs, oracle, peer)
         same += ours == theirs
-    print(f"{same}/{len(prompts)} prompts gave HF's exact tokens")
+    return same
+
+
+def random_prompts(lengths, seed=0, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(0, 384, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_bf16_greedy_follows_hf_generate_until_a_near_tie(tmp_path, enforce_eager):
+    peer = tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4).cuda().eval()
+    oracle = copy.deepcopy(peer).float().cpu()
+    llm = LLM(tmp_path, device="cuda", enforce_eager=enforce_eager)
+    prompts = random_prompts(PROMPT_LENGTHS)
+    print(f"{generate_and_check(llm, prompts, peer, oracle)}/{len(prompts)} prompts gave HF's exact tokens")
+
+
+SCENARIOS = {  # engine arguments, prompts: each forces the path it names on a 16-token block
+    "preemption": (dict(num_kv_blocks=12), dict(lengths=PROMPT_LENGTHS)),
+    "chunked": (dict(max_num_batched_tokens=32), dict(lengths=PROMPT_LENGTHS)),
+    "shared_prefix": (dict(num_kv_blocks=64), dict(lengths=[1, 3, 9, 20], prefix=range(5, 45))),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_bf16_scheduling_paths_follow_hf_generate_until_a_near_tie(tmp_path, scenario):
+    peer = tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4).cuda().eval()
+    oracle = copy.deepcopy(peer).float().cpu()
+    engine_args, prompt_args = SCENARIOS[scenario]
+    llm = LLM(tmp_path, device="cuda", block_size=16, **engine_args)
+    generate_and_check(llm, random_prompts(**prompt_args), peer, oracle)
+    if scenario == "preemption":
+        assert llm.scheduler.num_preemptions > 0
+    if scenario == "shared_prefix":
+        assert llm.block_manager.num_hit_blocks >= 3 * (40 // 16)
+    assert llm.block_manager.num_free_blocks == llm.runner.num_kv_blocks and not llm.scheduler.has_unfinished()
+
+
+def dequantized_copy(hf, bits: int):
+    """``hf`` with each linear but the head holding its quantized-then-dequantized weight, quantized as the
+    engine quantizes it: the float model that a quantized engine computes."""
+    from llmfast.nn.quant_linear import QuantLinear
+
+    model = copy.deepcopy(hf)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
+                quantized = QuantLinear.from_linear_auto(module, bits)
+                if quantized is not None:
+                    module.weight.copy_(quantized.weight_q.dequantize())
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_engine_follows_its_dequantized_hf_model_until_a_near_tie(tmp_path, quantization):
+    # the Triton quant_matmul kernels inside the engine, against HF holding the weights they compute with
+    from llmfast.engine.model_runner import QUANT_BITS
+    from llmfast.nn.quant_linear import QuantLinear
+
+    hf = tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4)
+    peer = dequantized_copy(hf, QUANT_BITS[quantization]).cuda().eval()
+    oracle = copy.deepcopy(peer).float().cpu()
+    llm = LLM(tmp_path, device="cuda", quantization=quantization)
+    assert sum(isinstance(m, QuantLinear) for m in llm.runner.model.modules()) >= 4 * 4  # (fused qkv, o, up, down)
+    generate_and_check(llm, random_prompts(PROMPT_LENGTHS, seed=3), peer, oracle)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_seeded_sampling_on_cuda_repeats_and_siblings_differ(tmp_path):
+    tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4)
+    llm = LLM(tmp_path, device="cuda")
+    prompts = random_prompts([5, 33], seed=4)
+    params = SamplingParams(n=4, temperature=1.0, top_p=0.95, seed=11, max_tokens=12, ignore_eos=True)
+    first, again = (llm.generate(prompts, params, use_tqdm=False) for _ in range(2))
+    for a, b in zip(first, again):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert len({tuple(c.token_ids) for c in a.outputs}) > 1
+        assert all(0 <= t < 384 for c in a.outputs for t in c.token_ids)
+    top1 = SamplingParams(temperature=1.0, top_k=1, seed=0, max_tokens=12, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    sampled, argmax = (llm.generate(prompts, p, use_tqdm=False) for p in (top1, greedy))
+    assert [o.outputs[0].token_ids for o in sampled] == [o.outputs[0].token_ids for o in argmax]
