@@ -101,6 +101,22 @@ def test_attention_dense_grad(backend, dtype, causal):
     )
 
 
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] != 64], ids=lambda s: f"d{s[0]}")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_grad_head_dims(backend, causal, shape):
+    """The backward kernels at every other head dim they are built for (padded ones included), GQA too."""
+    require_backend(backend, "attention")
+    head_dim, (heads, kv_heads) = shape
+    q = _randn(2, 17, heads, head_dim, dtype=torch.float16)
+    k, v = (_randn(2, 29, kv_heads, head_dim, dtype=torch.float16) for _ in range(2))
+    _check_grads(
+        lambda q, k, v: attention(q, k, v, causal=causal, backend=backend),
+        lambda q, k, v, upcast=True: attention_ref(q, k, v, causal=causal, upcast=upcast),
+        q, k, v, _randn(2, 17, heads, head_dim),
+    )
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("backend", BACKENDS)
