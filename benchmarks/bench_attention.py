@@ -35,6 +35,9 @@ DTYPE = torch.bfloat16
 OURS = "ours (triton)"
 PEERS = ("flash", "cudnn", "efficient")
 REFERENCE_PEER = "cudnn"  # the targets are stated against it (BENCHMARKS.md)
+# the forward's launch handles (one is used per call): the config the autotuner picked is read from them
+FWD_HANDLES = (fwd_kernels._attn_fwd_sm90_either, fwd_kernels._attn_fwd_sm90, fwd_kernels._attn_fwd_sm90_tma,
+               fwd_kernels._attn_fwd_sm80)
 ATOL = 0.03  # bf16 outputs of two correct kernels differ by a rounding or two (|o| <= max |v|)
 
 
@@ -116,10 +119,11 @@ def time_case(case: Case) -> list[dict]:
         base = {"case": case.label, "causal": case.causal, "impl": impl, "ours": impl == OURS}
         try:
             fwd, inputs = case.make(impl)
-            fwd_kernels._attn_fwd_sm90_either.best_config = None
+            for handle in FWD_HANDLES:
+                handle.best_config = None
             out = fwd()  # compiles and autotunes ours; a peer that cannot run this shape raises here
-            if impl == OURS:  # on sm_90 the forward's autotuner also chose between pointer and TMA loads
-                chosen = getattr(fwd_kernels._attn_fwd_sm90_either, "best_config", None)
+            if impl == OURS:  # on sm_90 the forward's autotuner may also choose between pointer and TMA loads
+                chosen = next((h.best_config for h in FWD_HANDLES if getattr(h, "best_config", None)), None)
                 base["fwd_config"] = str(chosen.all_kwargs()) if chosen else None
             dout = torch.randn_like(out)
             out.backward(dout, retain_graph=True)

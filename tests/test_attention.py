@@ -82,7 +82,8 @@ def test_attention_gqa(backend, dtype, causal, heads):
     q = _randn(2, 37, nheads, 64, dtype=dtype)
     k = _randn(2, 113, nheads_kv, 64, dtype=dtype)
     v = _randn(2, 113, nheads_kv, 64, dtype=dtype)
-    out = attention(q, k, v, causal=causal, backend=backend)
+    with poison_allocations():
+        out = attention(q, k, v, causal=causal, backend=backend)
     ref = attention_ref(q, k, v, causal=causal)
     peer = attention_ref(q, k, v, causal=causal, upcast=False)
     assert_close_2x(out, peer, ref, slack_ulps=SLACK_ULPS[dtype])
@@ -282,6 +283,9 @@ BAD_INPUTS = [
      ValueError, "q: expected head_dim"),
     (lambda: _dense_args(softmax_scale=0.0), ValueError, "softmax_scale"),
     (lambda: _dense_args(softmax_scale=-1.0), ValueError, "softmax_scale"),
+    (lambda: _dense_args(softmax_scale=float("inf")), ValueError, "softmax_scale"),
+    (lambda: _dense_args(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (lambda: _dense_args(q=_randn(2, 5, 0, 32)), ValueError, "q: expected at least one head"),
     (lambda: _dense_args(softmax_scale="0.1"), TypeError, "softmax_scale"),
     (lambda: _dense_args(causal=1), TypeError, "causal"),
     (lambda: _dense_args(max_seqlen_q=5), ValueError, "max_seqlen_q"),
@@ -330,6 +334,21 @@ def test_gpu_attention_dense(dtype, causal, head_dim):
         lambda q, k, v: attention(q, k, v, causal=causal, backend="triton"),
         lambda q, k, v, upcast=True: attention_ref(q, k, v, causal=causal, upcast=upcast),
         q, k, v, _gpu_randn(2, 2048, 16, head_dim, dtype=torch.float32),
+    )
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("head_dim, causal", [(80, True), (96, False), (192, True)])
+def test_gpu_attention_padded_head_dims(head_dim, causal):
+    """Head dims the kernels pad to a power of two, on the tensor cores in bf16, with GQA 8."""
+    require_backend("triton", "attention", torch.device("cuda"))
+    q = _gpu_randn(2, 1024, 16, head_dim, dtype=torch.bfloat16)
+    k, v = (_gpu_randn(2, 1024, 2, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    _check_grads(
+        lambda q, k, v: attention(q, k, v, causal=causal, backend="triton"),
+        lambda q, k, v, upcast=True: attention_ref(q, k, v, causal=causal, upcast=upcast),
+        q, k, v, _gpu_randn(2, 1024, 16, head_dim, dtype=torch.float32),
     )
 
 

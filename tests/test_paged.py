@@ -236,6 +236,8 @@ BAD_WRITES = [
     (lambda: _write_args(slot_mapping=torch.tensor([0, 3, 31, 8])), ValueError, "slot_mapping: expected shape"),
     (lambda: _write_args(slot_mapping=torch.tensor([0, 3, -1, 32, 8])), ValueError, "slot_mapping: expected slots"),
     (lambda: _write_args(slot_mapping=torch.tensor([0, 3, -2, 31, 8])), ValueError, "slot_mapping: expected slots"),
+    (lambda: _write_args(k_cache=_randn(4, 0, 2, 32), v_cache=_randn(4, 0, 2, 32),
+                         slot_mapping=torch.full((5,), -1)), ValueError, "k_cache: .*block_size >= 1"),
 ]
 
 
@@ -283,6 +285,11 @@ BAD_PAGED = [
     (lambda: _paged_args(context_lens=torch.tensor([20, -1], dtype=torch.int32)), ValueError,
      "context_lens: expected lengths"),
     (lambda: _paged_args(softmax_scale=-0.1), ValueError, "softmax_scale"),
+    (lambda: _paged_args(softmax_scale=float("inf")), ValueError, "softmax_scale"),
+    (lambda: _paged_args(q=_randn(2, 0, 32)), ValueError, "q: expected at least one head"),
+    (lambda: _paged_args(k_cache=_randn(6, 0, 2, 32), v_cache=_randn(6, 0, 2, 32),
+                         context_lens=torch.zeros(2, dtype=torch.int32)), ValueError, "k_cache: .*block_size >= 1"),
+    (lambda: _chunked_args(q=_randn(7, 0, 32)), ValueError, "q: expected at least one head"),
     (lambda: _paged_args(max_seqlen_q=1), ValueError, "max_seqlen_q"),
     (lambda: _chunked_args(cu_seqlens_q=torch.tensor([0, 4, 7])), TypeError, "cu_seqlens_q: expected dtype"),
     (lambda: _chunked_args(cu_seqlens_q=torch.tensor([0, 7], dtype=torch.int32)), ValueError,
@@ -324,7 +331,8 @@ def test_gpu_paged_decode(backend, dtype, num_seqs, context):
     """The benchmark's decode shapes (GQA 32/8, head_dim 128, blocks of 16): one long context (split across
     programs) and a batch that alone fills the GPU (a single pass)."""
     require_backend(backend, "paged_attention", torch.device("cuda"))
-    contexts = [context - 37 * i for i in range(num_seqs)]
+    contexts = [context - 37 * (i % 16) for i in range(num_seqs)]  # uneven, the longest at the shape's length
+    assert min(contexts) > 0
     k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, 16, 8, 128, dtype)
     q = _randn(num_seqs, 32, 128, dtype=dtype)
     context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)

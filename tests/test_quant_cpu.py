@@ -9,7 +9,7 @@ from llmfast.backends import resolve
 from llmfast.nn.quant_linear import QuantLinear
 from llmfast.ops.quant_matmul import quant_matmul
 from llmfast.quant.quantize import quantize
-from helpers import assert_close_2x, require_backend
+from helpers import assert_close_2x, poison_allocations, require_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (bits, group_size): int8 per channel and grouped, int4 grouped and per channel
@@ -104,9 +104,11 @@ def test_constant_groups_have_scale_zero(bits):
 def test_leading_dims(dtype, leading):
     qw = _weight(33, 256, dtype, 4, 64)
     x = torch.randn(*leading, 256, dtype=dtype)
-    y = quant_matmul(x, qw, backend="cpu")
+    with poison_allocations():
+        y = quant_matmul(x, qw, backend="cpu")
     assert y.shape == (*leading, 33) and y.dtype == dtype
-    assert torch.equal(y.reshape(-1, 33), quant_matmul(x.reshape(-1, 256), qw, backend="cpu"))
+    if x.numel():
+        _check(y.reshape(-1, 33), x.reshape(-1, 256), qw, None)
 
 
 def test_non_contiguous_x():
@@ -206,6 +208,12 @@ def test_quant_linear_is_a_drop_in_for_linear():
     for i in (0, 2):
         model[i] = QuantLinear.from_linear(model[i], bits=8, group_size=32)
     torch.testing.assert_close(model(x), expected, rtol=0.05, atol=0.02)
+    # code that reads nn.Linear's attributes finds them; weight is the dequantized one, not a parameter
+    layer = model[0]
+    assert (layer.in_features, layer.out_features) == (64, 128) and layer.bias.shape == (128,)
+    assert layer.weight.shape == (128, 64) and layer.weight.dtype == torch.float32 and layer.weight.device == x.device
+    assert torch.equal(layer.weight, layer.weight_q.dequantize())
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
 
 
 def test_quant_linear_compiles_fullgraph():

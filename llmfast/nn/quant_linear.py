@@ -63,6 +63,13 @@ class QuantLinear(torch.nn.Module):
         group_size = next((g for g in (128, 64, 32) if linear.in_features % g == 0), -1)
         return cls.from_linear(linear, bits, group_size)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized ``(out_features, in_features)`` weight, for code written against nn.Linear that
+        reads ``layer.weight`` (its dtype, device or shape). Computed on each access; neither a parameter nor
+        in the state dict, which hold ``weight_q``."""
+        return self.weight_q.dequantize()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_matmul(x, self.weight_q, self.bias, backend=self.backend)
 

@@ -1,6 +1,7 @@
 """Input validation shared by every op: each check names the argument and says what was expected."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -52,8 +53,8 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
 def check_positive_float(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}: expected a positive finite number, got {value}")
     return float(value)
 
 
@@ -65,7 +66,10 @@ def check_int(name: str, value: object) -> int:
 
 def check_heads(q_name: str, q_heads: int, kv_name: str, kv_heads: int) -> None:
     """GQA/MQA: the query heads split evenly over the kv heads."""
-    if kv_heads == 0 or q_heads % kv_heads != 0:
+    for name, heads in ((q_name, q_heads), (kv_name, kv_heads)):
+        if heads == 0:
+            raise ValueError(f"{name}: expected at least one head, got 0")
+    if q_heads % kv_heads != 0:
         raise ValueError(
             f"{q_name}: expected a number of heads divisible by the {kv_heads} heads of {kv_name}, got {q_heads}"
         )

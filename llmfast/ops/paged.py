@@ -24,6 +24,11 @@ from llmfast.ops.attention import MAX_HEAD_DIM, dense_attention_reference
 CACHE_LAYOUT = "(num_blocks, block_size, kv_heads, head_dim)"
 
 
+def _check_block_size(k_cache: torch.Tensor) -> None:
+    if k_cache.shape[1] == 0:
+        raise ValueError(f"k_cache: expected {CACHE_LAYOUT} with block_size >= 1, got shape {tuple(k_cache.shape)}")
+
+
 def write_kv_cache(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -55,6 +60,7 @@ def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
         check_shape(name, cache, (None, None, kv_heads, head_dim), f"{CACHE_LAYOUT} matching k")
         check_same_dtype(name, cache, "k", k)
     check_shape("v_cache", v_cache, tuple(k_cache.shape), f"{CACHE_LAYOUT}, the shape of k_cache")
+    _check_block_size(k_cache)
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), device=k.device)
     check_shape("slot_mapping", slot_mapping, (tokens,), "(tokens,), one slot per row of k")
     num_slots = k_cache.shape[0] * k_cache.shape[1]
@@ -192,6 +198,7 @@ def _check_paged_attention_inputs(
         check_shape(name, cache, (None, None, None, head_dim), f"{CACHE_LAYOUT} matching q's head_dim")
         check_same_dtype(name, cache, "q", q)
     check_shape("v_cache", v_cache, tuple(k_cache.shape), f"{CACHE_LAYOUT}, the shape of k_cache")
+    _check_block_size(k_cache)
     check_heads("q", q.shape[1], "k_cache", k_cache.shape[2])
     num_blocks, block_size = k_cache.shape[:2]
 

@@ -33,16 +33,29 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128) -> Quantize
 
     groups = 1 if group_size == -1 else k // group_size
     w = weight.detach().float().reshape(n, groups, k // groups)  # (N, groups, group_size)
+    # scales and zero points are stored in the weight's dtype; the codes are rounded against those stored
+    # values, and each scale is rounded up so that its grid covers the whole group: every element then
+    # lies within half a step of its dequantized value
     if bits == 8:
-        scales = (w.abs().amax(dim=-1) / 127).to(weight.dtype)  # (N, groups)
-        # divide by the stored (rounded) scale so that dequantize is exactly round-to-nearest
+        scales = _rounded_up(w.abs().amax(dim=-1) / 127, weight.dtype)  # (N, groups)
         codes = torch.round(w / _nonzero(scales)).clamp(-127, 127)
         return QuantizedWeight(codes.to(torch.int8).view(n, k), scales)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, groups)
-    scales = ((hi - lo) / 15).to(weight.dtype)
+    scales = _rounded_up((hi - lo) / 15, weight.dtype)
     zeros = (lo + 8 * scales.float()).to(weight.dtype)
-    codes = (torch.round((w - zeros.float()[..., None]) / _nonzero(scales)) + 8).clamp(0, 15)
+    # rounding the zero point shifts the grid by up to half its ulp, which can exceed a step when a group
+    # sits far from 0 (bf16): widen the step until codes 0..15 around the stored zero reach lo and hi
+    z = zeros.float()
+    scales = _rounded_up(torch.maximum(scales.float(), torch.maximum((z - lo) / 8, (hi - z) / 7)), weight.dtype)
+    codes = (torch.round((w - z[..., None]) / _nonzero(scales)) + 8).clamp(0, 15)
     return QuantizedWeight(pack_int4(codes.view(n, k)), scales, zeros)
+
+
+def _rounded_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``x >= 0`` in ``dtype``, never below ``x``: round-to-nearest, then one ulp up where that went
+    down (so a tiny nonzero scale does not underflow to 0 in float16 either)."""
+    y = x.to(dtype)
+    return torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
 
 
 def _nonzero(scales: torch.Tensor) -> torch.Tensor:
