@@ -52,8 +52,9 @@ def patch(model: nn.Module, *, attention: bool = True, norm: bool = True, quanti
     model gets its own copy of its config). Parameters are shared with the swapped modules, so ``state_dict``
     keys and values stay, and forward, ``generate`` and ``loss.backward()`` give the same results within
     dtype tolerance. ``quantize``: weight-only round-to-nearest ``llmfast.nn.QuantLinear`` for every linear
-    layer except the output head (their weights frozen, gradients still pass through them to the layers below;
-    their ``state_dict`` keys become QuantLinear's).
+    layer except the output head (their weights frozen, gradients still pass through them to the layers below).
+    A quantized layer keeps its ``state_dict`` key: it saves its dequantized weight as ``weight`` and quantizes
+    a ``weight`` it loads.
     Returns ``model``. Raises ValueError for a model whose class is not of a ``SUPPORTED`` type.
     """
     family = _family(model)
@@ -240,6 +241,42 @@ def _quantize_linears(model: nn.Module, bits: int) -> None:
             linear = nn.Linear(*child.weight.shape, bias=child.bias is not None, device="meta")
             linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
             linear.bias = child.bias
-        return QuantLinear.from_linear_auto(linear, bits)
+        layer = QuantLinear.from_linear_auto(linear, bits)
+        if layer is not None:
+            _keep_state_dict_keys(layer, transposed=isinstance(child, Conv1D))
+        return layer
 
     replace_children(model, build)
+
+
+def _keep_state_dict_keys(layer: nn.Module, transposed: bool) -> None:
+    """Gives the quantized ``layer`` the state_dict of the layer it replaced: it saves its dequantized weight
+    as ``weight`` (in Conv1D's (in, out) layout when ``transposed``) and quantizes a ``weight`` it loads, so
+    the model's keys stay those of transformers (``save_pretrained`` writes a checkpoint transformers reads)."""
+    from llmfast.quant.quantize import quantize
+
+    stored = [f"weight_q.{name}" for name in layer.weight_q.state_dict()]
+
+    def save(module, state_dict, prefix, local_metadata):
+        for name in stored:
+            del state_dict[prefix + name]
+        bias = state_dict.pop(prefix + "bias", None)  # re-added after the weight, in nn.Linear's order
+        weight = module.weight_q.dequantize()
+        state_dict[prefix + "weight"] = weight.t() if transposed else weight
+        if bias is not None:
+            state_dict[prefix + "bias"] = bias
+
+    def load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        weight = state_dict.pop(prefix + "weight", None)
+        if weight is not None:
+            weight = weight.t() if transposed else weight
+            expected = (module.out_features, module.in_features)
+            if tuple(weight.shape) != expected:
+                error_msgs.append(f"size mismatch for {prefix}weight: expected {expected}, got {tuple(weight.shape)}")
+                return
+            quantized = quantize(weight.to(module.weight_q.dtype), module.weight_q.bits, module.weight_q.group_size)
+            for name, tensor in quantized.state_dict().items():
+                state_dict[f"{prefix}weight_q.{name}"] = tensor
+
+    layer.register_state_dict_post_hook(save)
+    layer.register_load_state_dict_pre_hook(load)

@@ -217,19 +217,45 @@ def test_quantized_model_trains_like_its_dequantized_copy(family, bits):
     unpatched copy whose linear weights are the dequantized ones (the quantized weights themselves are frozen)."""
     quant_linear = pytest.importorskip("llmfast.nn.quant_linear")
     patched = patch(tiny_model(family), quantize=bits, attention=False, norm=False)
+    assert any(isinstance(m, quant_linear.QuantLinear) for m in patched.modules())
     ref = tiny_model(family)
-    with torch.no_grad():
-        for name, module in patched.named_modules():
-            if isinstance(module, quant_linear.QuantLinear):
-                weight = module.weight_q.dequantize()
-                target = ref.get_submodule(name)
-                target.weight.copy_(weight if isinstance(target, torch.nn.Linear) else weight.t())  # GPT-2's Conv1D
+    ref.load_state_dict(patched.state_dict())  # the dequantized weights, under transformers' keys
     ids, mask = padded_batch("right")
     grads = [gradients(model, ids, mask) for model in (ref, patched)]
     embeddings = [name for name in grads[1] if "emb" in name or "wte" in name]
     assert embeddings and all(grads[1][name] is not None for name in embeddings)  # reached the bottom
     for name, grad in grads[1].items():
         torch.testing.assert_close(grad, grads[0][name], atol=ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_keeps_state_dict_keys(family, bits, tmp_path):
+    """Saved: transformers' keys and shapes, the dequantized weights (within a step of the originals), a
+    checkpoint transformers loads and runs as the patched model does. Loaded: a transformers state_dict is
+    quantized on the way in."""
+    ref = tiny_model(family)
+    patched = patch(copy.deepcopy(ref), quantize=bits)
+    expected, state = ref.state_dict(), patched.state_dict()
+    assert list(state) == list(expected)
+    assert all(state[k].shape == expected[k].shape and state[k].dtype == expected[k].dtype for k in expected)
+    changed = [k for k in expected if not torch.equal(state[k], expected[k])]
+    assert changed and all(k.endswith(".weight") for k in changed)  # only the quantized layers' weights
+    for k in changed:
+        step = (expected[k].amax() - expected[k].amin()) / (255 if bits == 8 else 15)
+        assert (state[k] - expected[k]).abs().max() <= step
+
+    patched.save_pretrained(tmp_path)
+    auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    reloaded = auto.from_pretrained(tmp_path).eval()
+    fresh = patch(tiny_model(family, initializer_range=0.5), quantize=bits)
+    fresh.load_state_dict(ref.state_dict())
+    ids, mask = padded_batch("right")
+    keep = mask.bool()
+    with torch.no_grad():
+        out = output(patched, ids, mask)[keep]
+        torch.testing.assert_close(output(reloaded, ids, mask)[keep], out, atol=ATOL, rtol=0)
+        torch.testing.assert_close(output(fresh, ids, mask)[keep], out, atol=ATOL, rtol=0)
 
 
 def test_all_minilm_l6_v2_real_weights_match_hf(no_sdpa_fallback):
