@@ -132,6 +132,24 @@ def test_quant_matmul_leading_dims(backend, leading):
         _check_matmul(y.reshape(-1, 33), x.reshape(-1, 64), qw, None)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+                                    (torch.bfloat16, torch.float16)], ids=lambda d: f"x-{d[0]}-w-{d[1]}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quant_matmul_uses_a_weight_of_another_dtype_in_x_dtype(backend, dtypes):
+    """As under autocast: the weight's scales and zero points and the bias are used in x's dtype."""
+    require_backend(backend, "quant_matmul")
+    x_dtype, w_dtype = dtypes
+    qw = quantize(_randn(40, 128, dtype=w_dtype) * 0.05, 4, 64)
+    x, bias = _randn(7, 128, dtype=x_dtype), _randn(40, dtype=w_dtype).requires_grad_()
+    with poison_allocations():
+        y = quant_matmul(x, qw, bias, backend=backend)
+    assert y.dtype == x_dtype and qw.dtype == w_dtype  # the caller's weight is left as it was
+    cast = QuantizedWeight(qw.qweight, qw.scales.to(x_dtype), qw.zeros.to(x_dtype))
+    _check_matmul(y, x, cast, bias.detach().to(x_dtype))
+    y.sum().backward()
+    assert bias.grad.dtype == w_dtype and torch.allclose(bias.grad.float(), torch.full((40,), 7.0))
+
+
 @pytest.mark.parametrize("quant", [(8, 32), (4, 64), (4, -1)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -202,11 +220,11 @@ def _matmul_args(**changes):
 
 BAD_MATMUL = [
     (lambda: _matmul_args(x=_randn(3, 64)), ValueError, "x: expected shape \\(\\.\\.\\., 128\\)"),
-    (lambda: _matmul_args(x=_randn(3, 128, dtype=torch.float16)), TypeError, "x: expected dtype"),
+    (lambda: _matmul_args(x=_randn(3, 128).long()), TypeError, "x: expected dtype"),
     (lambda: _matmul_args(x=_randn(3, 128).to("meta")), ValueError, "x: expected a tensor on"),
     (lambda: _matmul_args(w=_randn(16, 128)), TypeError, "w: expected a llmfast.quant.QuantizedWeight"),
     (lambda: _matmul_args(bias=_randn(15)), ValueError, "bias: expected shape"),
-    (lambda: _matmul_args(bias=_randn(16, dtype=torch.float16)), TypeError, "bias: expected dtype"),
+    (lambda: _matmul_args(bias=_randn(16).int()), TypeError, "bias: expected dtype"),
 ]
 
 

@@ -14,8 +14,9 @@ class QuantLinear(torch.nn.Module):
     Built from a trained layer with ``QuantLinear.from_linear(linear, bits=4, group_size=128)``, or empty
     from the shapes (zero codes, unit scales) to ``load_state_dict`` a saved one into. ``state_dict`` keys:
     ``weight_q.qweight``, ``weight_q.scales``, ``weight_q.zeros`` (4 bits only) and ``bias``.
-    ``forward`` takes ``x (..., in_features)`` in ``dtype`` (the dtype of the quantized weight's scales)
-    and returns ``(..., out_features)``. The weight is frozen: backward gives ``x`` (and ``bias``, if it is
+    ``forward`` takes ``x (..., in_features)``, usually in ``dtype`` (the dtype of the quantized weight's
+    scales; another float dtype uses the scales and bias cast to it, as ``quant_matmul`` says), and returns
+    ``(..., out_features)`` in ``x.dtype``. The weight is frozen: backward gives ``x`` (and ``bias``, if it is
     made trainable) their gradients, as a frozen nn.Linear would, and none to the quantized weight.
     """
 

@@ -17,10 +17,12 @@ def quant_matmul(
 ) -> torch.Tensor:
     """``y = x @ w.dequantize().T (+ bias)``, as ``torch.nn.functional.linear``.
 
-    ``x (..., K)`` float16/bfloat16/float32 in ``w.dtype``; ``w`` a ``QuantizedWeight`` of shape ``(N, K)``;
-    ``bias (N,)`` in ``x.dtype`` or None -> ``y (..., N)`` in ``x.dtype``.
+    ``x (..., K)`` float16/bfloat16/float32; ``w`` a ``QuantizedWeight`` of shape ``(N, K)``; ``bias (N,)`` or
+    None -> ``y (..., N)`` in ``x.dtype``. When ``w`` or ``bias`` is in another dtype than ``x``, its scales
+    (and zero points) and the bias are used in ``x.dtype`` (the codes are the same), as autocast would do.
     """
     _check_quant_matmul_inputs(x, w, bias)
+    w, bias = _in_dtype(w, bias, x.dtype)
     impl = select("quant_matmul", backend, x.device)
     n, k = w.shape
     y = impl(x.reshape(-1, k), w, bias)  # (M, N): backends see a 2-D x
@@ -34,11 +36,15 @@ def _check_quant_matmul_inputs(x, w, bias) -> None:
     n, k = w.shape
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x: expected shape (..., {k}), K matching w of shape {w.shape}, got {tuple(x.shape)}")
-    if x.dtype != w.dtype:
-        raise TypeError(f"x: expected dtype {w.dtype} (the dtype of w), got {x.dtype}")
     if bias is not None:
-        check_tensor("bias", bias, dtypes=(x.dtype,), device=x.device)
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("bias", bias, (n,), "(N,), the out-features of w")
+
+
+def _in_dtype(w: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+    if w.dtype != dtype:  # a new weight sharing the codes; the caller's is left as it is
+        w = QuantizedWeight(w.qweight, w.scales.to(dtype), None if w.zeros is None else w.zeros.to(dtype))
+    return w, None if bias is None else bias.to(dtype)
 
 
 def quant_matmul_reference(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:

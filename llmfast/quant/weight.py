@@ -39,7 +39,8 @@ class QuantizedWeight(torch.nn.Module):
     ``w = qweight * scale``, scale = group absmax / 127.
     ``bits=4``, asymmetric (as tinygemm): ``qweight (N, K // 8)`` int32 packing codes ``q`` in [0, 15]
     (``pack_int4``), ``scales`` and ``zeros (N, groups)``; ``w = (q - 8) * scale + zero``, scale =
-    (group max - group min) / 15, zero = the value of code 8, so codes 0 and 15 are the group min and max.
+    (group max - group min) / 15, zero = the value of code 8, so codes 0 and 15 are the group min and max
+    (``quantize`` widens a scale by the rounding of its stored zero point, where that is needed to reach them).
 
     ``scales`` and ``zeros`` are in the original weight's dtype. ``bits``, ``group_size``, ``shape`` and
     ``dtype`` are read from the buffers, so they survive ``state_dict``/safetensors round trips
