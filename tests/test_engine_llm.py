@@ -295,6 +295,9 @@ def test_engine_arguments_are_checked(checkpoints):
                    dict(gpu_memory_utilization=1.5), dict(device="tpu"), dict(seed="x")):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             LLM(folder, **kwargs)
+    for missing in (folder / "missing", str(folder / "config.json"), 3):
+        with pytest.raises(FileNotFoundError, match="model: expected a local checkpoint folder"):
+            LLM(missing)
     llm = LLM(folder)  # CPU default: sized for max_num_seqs full-length sequences, at most 4 GiB
     assert llm.runner.kv_cache.numel() * llm.runner.kv_cache.element_size() <= 4 << 30
     assert llm.max_model_len == MAX_LEN

@@ -15,7 +15,7 @@ BAD_SAMPLING = [
     dict(top_p=0.0), dict(top_p=1.1), dict(min_p=-0.1), dict(min_p=1.5), dict(repetition_penalty=0.0),
     dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(max_tokens=0), dict(min_tokens=-1),
     dict(max_tokens=4, min_tokens=5), dict(stop=""), dict(stop=["ok", 3]), dict(stop_token_ids=[-1]),
-    dict(seed=1.5), dict(logprobs=-1), dict(ignore_eos="yes"), dict(n=True),
+    dict(seed=1.5), dict(logprobs=-1), dict(ignore_eos="yes"), dict(n=True), dict(stop=3), dict(stop=b"x"),
 ]
 
 

@@ -137,6 +137,23 @@ def test_residual_none_returns_x_as_h():
     assert h is x
 
 
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_residual_of_another_dtype_is_rounded_to_x_dtype(backend, kind):
+    """A float32 residual stream with bf16 activations: h (and y) in x.dtype, as if the residual came in
+    x.dtype; its gradient comes back in its own dtype."""
+    require_backend(backend, "add_layer_norm" if kind == "layer" else "add_rms_norm", torch.device("cpu"))
+    x, r, w, b = _inputs((3, 256), torch.bfloat16, "cpu", True, True, True, kind)
+    r32 = (r.float() + torch.randn_like(r.float()) * 1e-3).requires_grad_()  # not representable in bf16
+    with poison_allocations():
+        y, h = _call(kind, x, r32, w, b, backend)
+    y_same, h_same = _call(kind, x, r32.detach().to(torch.bfloat16), w, b, backend)
+    assert (y.dtype, h.dtype) == (torch.bfloat16, torch.bfloat16)
+    assert torch.equal(h, h_same) and torch.equal(y, y_same)
+    (y.float().sum() + h.float().sum()).backward()
+    assert r32.grad.dtype == torch.float32 and torch.isfinite(r32.grad).all() and r32.grad.abs().sum() > 0
+
+
 # --- bad inputs ------------------------------------------------------------------------------
 
 
@@ -145,6 +162,7 @@ def test_residual_none_returns_x_as_h():
     [
         ({"residual": torch.randn(4, 9)}, ValueError, "residual: expected shape"),
         ({"residual": torch.randn(4, 8, dtype=torch.float64)}, TypeError, "residual: expected dtype"),
+        ({"residual": torch.ones(4, 8, dtype=torch.int64)}, TypeError, "residual: expected dtype"),
         ({"weight": torch.randn(9)}, ValueError, "weight: expected shape"),
         ({"bias": torch.randn(4, 8)}, ValueError, "bias: expected shape"),
         ({"weight": torch.randn(8, device="meta")}, ValueError, "weight: expected a tensor on cpu"),
@@ -152,6 +170,8 @@ def test_residual_none_returns_x_as_h():
         ({"x": torch.randn(4, 0)}, ValueError, "x: expected a hidden size"),
         ({"x": [1.0, 2.0]}, TypeError, "x: expected a torch.Tensor"),
         ({"eps": -1.0}, ValueError, "eps"),
+        ({"eps": float("inf")}, ValueError, "eps"),
+        ({"eps": float("nan")}, ValueError, "eps"),
         ({"eps": "1e-5"}, TypeError, "eps"),
         ({"backend": "fastest"}, ValueError, "backend: expected"),
         ({"backend": 3}, TypeError, "backend: expected a str"),

@@ -59,6 +59,9 @@ class LLMEngine:
             raise ValueError(f"enforce_eager: expected a bool, got {enforce_eager!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed: expected an int, got {seed!r}")
+        if not isinstance(model, (str, Path)) or not Path(model).is_dir():
+            # an OSError, as transformers' and vLLM's loaders raise for a missing checkpoint
+            raise FileNotFoundError(f"model: expected a local checkpoint folder, got {model!r} (nothing is downloaded)")
         self.device = resolve_device(device)
         self.runner = ModelRunner(model, dtype=dtype, device=self.device, quantization=quantization,
                                   block_size=block_size, num_kv_blocks=num_kv_blocks,

@@ -73,6 +73,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens: expected at most max_tokens={self.max_tokens}, got {self.min_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"stop: expected a non-empty string or a list of them, got {self.stop!r}")
         self.stop = list(self.stop or [])
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop: expected a non-empty string or a list of them, got {self.stop!r}")

@@ -6,6 +6,7 @@ in float32, ``y`` in ``x.dtype``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from llmfast import _ext
 from llmfast.backends import register, select
-from llmfast.ops._checks import FLOAT_DTYPES, check_same_dtype, check_shape, check_tensor
+from llmfast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor
 
 Tensor = torch.Tensor
 
@@ -29,11 +30,12 @@ def add_layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """``h = x + residual``; ``y = layer_norm(h) * weight + bias`` over the last dim.
 
-    x, residual: (..., hidden) float16/bfloat16/float32, same shape and dtype; residual may be None
-    (then ``h`` is ``x``). weight, bias: (hidden,) or None. Returns ``(y, h)``, both in ``x.dtype``.
-    Differentiable in x, residual, weight and bias.
+    x, residual: (..., hidden) float16/bfloat16/float32, same shape; residual may be None (then ``h`` is
+    ``x``), or in another dtype (e.g. a float32 residual stream: it is rounded to ``x.dtype`` first).
+    weight, bias: (hidden,) or None. Returns ``(y, h)``, both in ``x.dtype``. Differentiable in x, residual,
+    weight and bias.
     """
-    _check_norm_inputs(x, residual, weight, bias, eps)
+    residual = _check_norm_inputs(x, residual, weight, bias, eps)
     impl = select("add_layer_norm", backend, x.device)
     return impl(x, residual, weight, bias, float(eps), False)
 
@@ -50,12 +52,13 @@ def add_rms_norm(
 
     Shapes and dtypes as in :func:`add_layer_norm`. Returns ``(y, h)``. Differentiable.
     """
-    _check_norm_inputs(x, residual, weight, None, eps)
+    residual = _check_norm_inputs(x, residual, weight, None, eps)
     impl = select("add_rms_norm", backend, x.device)
     return impl(x, residual, weight, None, float(eps), True)
 
 
-def _check_norm_inputs(x, residual, weight, bias, eps) -> None:
+def _check_norm_inputs(x, residual, weight, bias, eps) -> Tensor | None:
+    """Raises for bad inputs; returns ``residual`` in ``x.dtype``."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError("x: expected at least 1 dim (..., hidden), got a scalar")
@@ -63,17 +66,17 @@ def _check_norm_inputs(x, residual, weight, bias, eps) -> None:
     if hidden == 0:
         raise ValueError(f"x: expected a hidden size (last dim) >= 1, got shape {tuple(x.shape)}")
     if residual is not None:
-        check_tensor("residual", residual, device=x.device)
+        check_tensor("residual", residual, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("residual", residual, tuple(x.shape), "(the shape of x)")
-        check_same_dtype("residual", residual, "x", x)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(name, t, dtypes=FLOAT_DTYPES, device=x.device)
             check_shape(name, t, (hidden,), "(hidden,)")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
-    if not eps >= 0:
-        raise ValueError(f"eps: expected a non-negative number, got {eps}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps: expected a non-negative finite number, got {eps}")
+    return None if residual is None else residual.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
