@@ -17,6 +17,12 @@ SAMPLING_FLAGS = (("--n", "n", int), ("--temperature", "temperature", float), ("
                   ("--max-tokens", "max_tokens", int), ("--min-tokens", "min_tokens", int), ("--seed", "seed", int))
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {text!r}")
+    return int(text)
+
+
 def _fail(command: str, exc: BaseException) -> int:
     print(f"llmfast {command}: error: {exc}", file=sys.stderr)
     return 2
@@ -150,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs fastapi and uvicorn)")
     _add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged at startup)")
+    serve.add_argument("--port", type=_port, default=8000, help="0 picks a free port (logged at startup)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(run=_serve)

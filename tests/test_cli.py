@@ -79,6 +79,11 @@ def test_generate_and_serve_report_a_missing_checkpoint(tmp_path, capsys):
     assert "llmfast serve: error:" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_port_out_of_range(checkpoint):
+    result = llmfast("serve", "--model", checkpoint, "--port", 99999)
+    assert result.returncode == 2 and "--port: expected a port in 0..65535" in result.stderr, result.stderr
+
+
 def test_demo_runs_on_the_embedded_model():
     # no wall-clock assertion (speed belongs in benchmarks); the subprocess timeout only catches a hang
     result = llmfast("demo", timeout=300)

@@ -71,6 +71,7 @@ def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
     (dict(min_p=0.5), {0, 1}),  # p >= 0.5 * 0.5
     (dict(top_k=3, top_p=0.6), {0, 1}),
     (dict(top_k=-1), {0, 1, 2, 3}),
+    (dict(top_p=1e-50), {0}),  # rounds to 0 in float32: the most likely token still stays
 ])
 def test_top_k_top_p_min_p_support_sets(kwargs, support):
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -147,8 +148,17 @@ def test_logprobs_are_the_raw_log_softmax_with_ranks():
     (dict(n=2, seed=2**63 - 2), "seed"),  # seed + index for the second sample
     (dict(logprobs=21), r"logprobs: expected an int in \[0, 20\]"),
     (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(repetition_penalty=1e-50), "repetition_penalty"),  # float32 logits divided by it overflow
 ])
 def test_sampling_params_bounds_are_checked_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
     SamplingParams(n=128, seed=-(2**63), logprobs=20, stop_token_ids=(3, 4))
+
+
+def test_beam_width_is_bounded_by_the_logprobs_each_step_reads():
+    from llmfast.engine import BeamSearchParams
+
+    BeamSearchParams(beam_width=10, max_tokens=2)
+    with pytest.raises(ValueError, match=r"beam_width: expected an int in \[1, 10\]"):
+        BeamSearchParams(beam_width=11, max_tokens=2)

@@ -154,6 +154,22 @@ def test_rope_scaling_matches_hf(tmp_path, rope, config_style):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+def test_rope_scaling_added_to_a_saved_config_wins_as_in_transformers(tmp_path):
+    # transformers 5 saves rope_parameters; a rope_scaling written next to it by hand is what it then uses
+    tiny_checkpoint(tmp_path, **DECODERS["llama"])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "default"
+    saved["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = load_model(tmp_path)
+    assert model.config.rope.rope_type == "linear"
+    ids = torch.randint(0, VOCAB, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model.compute_logits(padded_forward(model, ids)), hf(input_ids=ids).logits,
+                                   atol=ATOL, rtol=0)
+
+
 def test_sliding_window_is_exact_within_it_and_refused_past_it(tmp_path):
     hf = tiny_checkpoint(tmp_path, **dict(DECODERS["mistral"], sliding_window=8))
     model = load_model(tmp_path)
@@ -288,6 +304,11 @@ def _edit_tensors(folder, edit):
     save_file(tensors, folder / "model.safetensors")
 
 
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
 LOADER_ERRORS = {
     "no folder": (lambda d: shutil.rmtree(d), FileNotFoundError, "no checkpoint folder"),
     "no config": (lambda d: (d / "config.json").unlink(), FileNotFoundError, "config.json"),
@@ -303,6 +324,9 @@ LOADER_ERRORS = {
                           ValueError, "does not use: model.extra.weight"),
     "shape mismatch": (lambda d: _edit_tensors(d, lambda t: t.update({"model.norm.weight": torch.ones(3)})),
                        ValueError, r"model.norm.weight has shape \(3,\).*\(64,\)"),
+    "zero heads": (lambda d: _edit_config(d, num_attention_heads=0), ValueError, "num_attention_heads must be"),
+    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+                          ValueError, "model.safetensors: not a readable safetensors file"),
 }
 
 

@@ -163,9 +163,9 @@ def test_chat_renders_the_template_without_adding_special_tokens_again(client, l
 
 def test_vllm_extra_fields_and_logprobs(client, llm):
     extra = dict(top_k=20, min_p=0.01, repetition_penalty=1.2, min_tokens=4, ignore_eos=True, stop_token_ids=[7])
-    response = client.completions.create(model=MODEL, prompt=PROMPTS[4], temperature=0.9, top_p=0.95, seed=1234,
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[4], temperature=0.9, top_p=0.95, seed=-1234,
                                          max_tokens=12, logprobs=2, extra_body=extra)
-    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12, logprobs=2, **extra)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=-1234, max_tokens=12, logprobs=2, **extra)
     expected = llm.generate(PROMPTS[4], params, use_tqdm=False)[0].outputs[0]
     choice = response.choices[0]
     assert choice.text == expected.text and choice.finish_reason == expected.finish_reason

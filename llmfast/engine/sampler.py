@@ -97,6 +97,7 @@ class Sampler:
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             # (rows with top_p = 1 skip it: rounding can push the cumulative mass of the tail past 1)
             outside = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+            outside[:, 0] = False  # the most likely token always stays (a top_p that rounds to 0 in float32)
             sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         probs = logits.softmax(dim=-1)

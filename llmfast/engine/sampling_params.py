@@ -16,6 +16,7 @@ def _is_int(value: object) -> bool:
 
 MAX_N = 128  # samples per request (OpenAI's limit): each is a sequence the scheduler holds
 MAX_LOGPROBS = 20  # top tokens per step (OpenAI's and vLLM's limit)
+MIN_PENALTY = 1e-6  # the smallest repetition_penalty: float32 logits divided by it stay finite
 
 
 def _check_int(name: str, value: object, low: int, allow_none: bool = False, high: int | None = None) -> None:
@@ -64,7 +65,7 @@ class SamplingParams:
             raise ValueError(f"top_k: expected -1, 0 (both disable top-k) or a positive int, got {self.top_k!r}")
         _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_float("min_p", self.min_p, 0.0, 1.0)
-        _check_float("repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True)
+        _check_float("repetition_penalty", self.repetition_penalty, MIN_PENALTY, math.inf)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_int("max_tokens", self.max_tokens, 1, allow_none=True)
@@ -105,7 +106,8 @@ class BeamSearchParams:
     length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_int("beam_width", self.beam_width, 1)
+        # each step reads the 2 * beam_width most likely tokens, within SamplingParams' logprobs limit
+        _check_int("beam_width", self.beam_width, 1, high=MAX_LOGPROBS // 2)
         _check_int("max_tokens", self.max_tokens, 1)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos: expected a bool, got {self.ignore_eos!r}")

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from llmfast.device import resolve_device
 from llmfast.models.bert import BertModel
@@ -48,6 +48,7 @@ def load_model(
         raise ValueError(
             f"{config_file}: model_type {model_type!r} is not supported; expected one of {sorted(MODEL_CLASSES)}"
         )
+    _check_sizes(config_file, hf_config)
     dtype = _resolve_dtype(dtype, hf_config)
     files = _weight_files(folder)
 
@@ -62,6 +63,18 @@ def load_model(
             module.reset_inv_freq()
     _load_weights(model, files)
     return model.eval()
+
+
+# the sizes a model is built from (Llama-style and GPT-2 names); a 0 would divide by zero or build nothing
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions")
+
+
+def _check_sizes(config_file: Path, hf_config: dict) -> None:
+    for key in _SIZES:
+        value = hf_config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{config_file}: {key} must be a positive int, got {value!r}")
 
 
 def _to_empty_keeping_ties(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
@@ -111,31 +124,41 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
+def _read_tensors(file: Path):
+    """Yields (name, tensor) for each tensor of ``file``; a ValueError naming the file where it is not a
+    readable safetensors file (truncated, corrupted)."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as exc:
+        raise ValueError(f"{file.name}: not a readable safetensors file ({exc})") from None
+
+
 @torch.no_grad()
 def _load_weights(model: torch.nn.Module, files: list[Path]) -> None:
     """Copies every checkpoint tensor into its parameter (converting dtype and device), one at a time."""
     params = dict(model.named_parameters())  # tied weights appear once, under their first name
     loaded, unexpected = set(), []
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for hf_name in f.keys():
-                mapped = model.load_hf_tensor(hf_name, f.get_tensor(hf_name))
-                if mapped is None:
-                    continue
-                name, tensor = mapped
-                if name not in params:
-                    unexpected.append(hf_name)
-                    continue
-                param = params[name]
-                if tensor.shape != param.shape:
-                    raise ValueError(
-                        f"{file.name}: tensor {hf_name} has shape {tuple(tensor.shape)}, but the model built from "
-                        f"config.json expects {tuple(param.shape)} for {name}"
-                    )
-                if not tensor.is_floating_point():
-                    raise ValueError(f"{file.name}: tensor {hf_name} has dtype {tensor.dtype}, expected a float dtype")
-                param.copy_(tensor)
-                loaded.add(name)
+        for hf_name, stored in _read_tensors(file):
+            mapped = model.load_hf_tensor(hf_name, stored)
+            if mapped is None:
+                continue
+            name, tensor = mapped
+            if name not in params:
+                unexpected.append(hf_name)
+                continue
+            param = params[name]
+            if tensor.shape != param.shape:
+                raise ValueError(
+                    f"{file.name}: tensor {hf_name} has shape {tuple(tensor.shape)}, but the model built from "
+                    f"config.json expects {tuple(param.shape)} for {name}"
+                )
+            if not tensor.is_floating_point():
+                raise ValueError(f"{file.name}: tensor {hf_name} has dtype {tensor.dtype}, expected a float dtype")
+            param.copy_(tensor)
+            loaded.add(name)
     if unexpected:
         names = _names(sorted(unexpected))
         raise ValueError(f"checkpoint has tensors the {type(model).__name__} does not use: {names}")

@@ -28,8 +28,10 @@ class RopeConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, head_dim: int) -> RopeConfig:
-        """Reads ``rope_parameters`` (transformers >= 5) or ``rope_scaling`` + ``rope_theta`` (older)."""
-        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        """Reads ``rope_parameters`` (transformers >= 5) and ``rope_scaling`` + ``rope_theta`` (older); where a
+        config holds both, ``rope_scaling``'s entries win, as transformers reads them (a scaling added by hand
+        to a saved config)."""
+        params = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
         if any(isinstance(value, dict) for value in params.values()):
             raise ValueError(f"rope_parameters: per-layer-type RoPE is not supported, got {params}")
         rope_type = params.get("rope_type", params.get("type", "default"))

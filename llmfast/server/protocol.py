@@ -60,8 +60,6 @@ class _SamplingFields(_Strict):
         ValueError naming the field for out-of-range values and for what llmfast does not support."""
         if self.logit_bias:
             raise ValueError("logit_bias: not supported by llmfast")
-        if self.seed is not None and not 0 <= self.seed < 2**63:  # torch generators take 64-bit seeds
-            raise ValueError(f"seed: expected an int in [0, 2**63), got {self.seed}")
         names = ("n", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed", "top_k",
                  "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids")
         given = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
