@@ -261,8 +261,7 @@ def _keep_state_dict_keys(layer: nn.Module, transposed: bool) -> None:
         for name in stored:
             del state_dict[prefix + name]
         bias = state_dict.pop(prefix + "bias", None)  # re-added after the weight, in nn.Linear's order
-        weight = module.weight_q.dequantize()
-        state_dict[prefix + "weight"] = weight.t() if transposed else weight
+        state_dict[prefix + "weight"] = module.weight.t() if transposed else module.weight
         if bias is not None:
             state_dict[prefix + "bias"] = bias
 
