@@ -5,7 +5,8 @@ Attention goes through transformers' own dispatch: ``llmfast_attention`` is regi
 ``AttentionInterface`` under ``"llmfast"`` (with ``sdpa_mask`` as its mask builder) and selected on the
 patched model's config alone. What llmfast's attention cannot express (a sliding window that bites, packed
 sequences, a float or per-head mask, dropout, softcap, ...) is handed to transformers' SDPA path, so every
-call keeps transformers' results.
+call keeps transformers' results; ``output_attentions=True`` runs a plain-PyTorch attention that returns its
+probabilities, as transformers' eager attention does.
 """
 from __future__ import annotations
 
@@ -102,14 +103,17 @@ def _use_llmfast_attention(model) -> None:
 
 
 def llmfast_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                      **kwargs) -> tuple[torch.Tensor, None]:
+                      **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention-function signature, on ``llmfast.ops.attention``.
 
     ``query (batch, heads, seqlen_q, head_dim)``, ``key, value (batch, kv_heads, seqlen_k, head_dim)``;
     ``attention_mask``: None (causal as SDPA's ``is_causal``, or full) or a boolean ``(batch, 1, seqlen_q,
-    seqlen_k)`` mask. Returns ``(o (batch, seqlen_q, heads, head_dim), None)``.
+    seqlen_k)`` mask. Returns ``(o (batch, seqlen_q, heads, head_dim), None)``, or the probabilities ``(batch,
+    heads, seqlen_q, seqlen_k)`` in place of None when the caller asked for them.
     """
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if _attentions_requested(kwargs):  # a fused kernel never forms the probabilities the caller asks for
+        return _attention_with_probs(module, query, key, value, attention_mask, dropout, scaling, causal)
     supported = (
         dropout == 0.0 and query.dtype in FLOAT_DTYPES and key.dtype == value.dtype == query.dtype
         and query.shape[-1] == value.shape[-1] <= MAX_HEAD_DIM
@@ -132,6 +136,42 @@ def llmfast_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if causal and k.shape[1] > seqlen_q:  # as SDPA: a static cache's first chunk reads its first keys only
         k, v = k[:, :seqlen_q], v[:, :seqlen_q]
     return ops.attention(q, k, v, causal=causal, softmax_scale=scaling), None
+
+
+def _attentions_requested(kwargs: dict) -> bool:
+    """Whether the caller asked for attention probabilities (``output_attentions=True``).
+
+    Llama-like models pass the flag down to the attention function; GPT-2 drops it and only records each
+    attention module's second output through transformers' output collector, so that is read as well.
+    """
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+
+        collected = _active_collector.get()
+    except (ImportError, LookupError):
+        return False
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+def _attention_with_probs(module, query, key, value, mask, dropout, scaling, causal):
+    """Plain-PyTorch attention that also returns its probabilities ``(batch, heads, seqlen_q, seqlen_k)``, as
+    transformers' eager attention does for ``output_attentions=True``; masks as ``llmfast_attention`` reads
+    them (None: SDPA's ``is_causal``, top-left aligned)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))  # (batch, heads, seqlen_k, head_dim)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (query @ key.transpose(-1, -2)).float() * scale  # (batch, heads, seqlen_q, seqlen_k)
+    seqlen_q, seqlen_k = scores.shape[-2:]
+    if mask is None and causal and seqlen_q > 1:
+        mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=scores.device).tril()
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # a padded query row stays finite
+    elif mask is not None:
+        scores = scores + mask
+    probs = torch.nn.functional.dropout(scores.softmax(dim=-1).to(query.dtype), p=dropout, training=module.training)
+    return (probs @ value).transpose(1, 2).contiguous(), probs  # o (batch, seqlen_q, heads, head_dim)
 
 
 def _key_padding(mask: torch.Tensor, causal: bool, batch: int) -> torch.Tensor | None:

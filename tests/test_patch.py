@@ -39,7 +39,10 @@ def tiny_model(family, **overrides):
 
 
 def output(model, ids, mask):
-    out = model(input_ids=ids, attention_mask=mask)
+    return output_of(model(input_ids=ids, attention_mask=mask))
+
+
+def output_of(out):
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
 
 
@@ -76,6 +79,23 @@ def test_outputs_match_unpatched(pair, padding, no_sdpa_fallback):
     with torch.no_grad():
         expected, out = output(ref, ids, mask), output(patched, ids, mask)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)  # padding positions too
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_output_attentions_match_eager_transformers(pair, padding, no_sdpa_fallback):
+    """output_attentions=True returns every layer's probabilities, as transformers' eager attention does."""
+    ref, patched = pair
+    eager = copy.deepcopy(ref)
+    eager.set_attn_implementation("eager")
+    ids, mask = padded_batch(padding)
+    with torch.no_grad():
+        expected = eager(input_ids=ids, attention_mask=mask, output_attentions=True)
+        out = patched(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == len(expected.attentions) == ref.config.num_hidden_layers
+    for got, want in zip(out.attentions, expected.attentions):
+        rows = mask.bool()[:, None, :, None].expand_as(want)  # a padded query's row is arbitrary in both
+        torch.testing.assert_close(got[rows], want[rows], atol=ATOL, rtol=0)
+    torch.testing.assert_close(output_of(out), output_of(expected), atol=ATOL, rtol=0)
 
 
 def test_modules_are_swapped_and_state_dict_kept(pair):
