@@ -63,3 +63,28 @@ def test_modules_name_the_argument_on_bad_input():
         llmfast.nn.FusedAddRMSNorm(8)(torch.randn(2, 8), torch.randn(3, 8))
     with pytest.raises(TypeError, match="x: expected dtype"):
         llmfast.nn.RMSNorm(8)(torch.ones(2, 8, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("ours_cls, theirs", [
+    (llmfast.nn.LayerNorm, torch.nn.LayerNorm(16)), (llmfast.nn.RMSNorm, torch.nn.RMSNorm(16, eps=1e-6)),
+])
+def test_float64_modules_compute_in_float64_as_torch(ours_cls, theirs):
+    """No kernel takes float64: ``module.double()`` runs torch's own norm, exactly as the module replaced."""
+    theirs = _randomize(theirs).double()
+    ours = ours_cls(16).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    y = ours(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, theirs(x), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(ours, (x,))
+
+
+def test_float64_fused_add_returns_the_sum():
+    module = _randomize(llmfast.nn.FusedAddRMSNorm(8)).double()
+    x, r = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    y, h = module(x, r)
+    torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x + r, (8,), module.weight, 1e-6), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="residual: expected shape"):
+        module(x, r[:1])

@@ -5,6 +5,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from llmfast.ops.norm import add_layer_norm, add_rms_norm
 
@@ -42,6 +43,12 @@ class _NormBase(torch.nn.Module):
         r2 = None if residual is None else residual.reshape(flat)
         return x.reshape(flat), r2, tuple(x.shape)
 
+    def _torch_float64(self, x, residual, norm):
+        """(y, h) by torch's own ``norm`` in float64, which no llmfast kernel takes (``module.double()``)."""
+        self._flat(x, residual)  # the same shape checks
+        h = x if residual is None else x + residual.to(x.dtype)
+        return norm(h), h
+
     @staticmethod
     def _param(p: torch.Tensor | None) -> torch.Tensor | None:
         return None if p is None else p.reshape(-1)
@@ -58,6 +65,9 @@ class FusedAddLayerNorm(_NormBase):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
+            return self._torch_float64(
+                x, residual, lambda h: F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps))
         x2, r2, shape = self._flat(x, residual)
         y, h = add_layer_norm(x2, r2, self._param(self.weight), self._param(self.bias), self.eps,
                               backend=self.backend)
@@ -82,6 +92,8 @@ class FusedAddRMSNorm(_NormBase):
         super().__init__(hidden_size, eps, elementwise_affine, False, device, dtype, backend)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
+            return self._torch_float64(x, residual, lambda h: F.rms_norm(h, self.normalized_shape, self.weight, self.eps))
         x2, r2, shape = self._flat(x, residual)
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         y, h = add_rms_norm(x2, r2, self._param(self.weight), eps, backend=self.backend)
