@@ -180,48 +180,56 @@ def test_vllm_extra_fields_and_logprobs(client, llm):
     assert all(entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) for entry in content)  # greedy
 
 
+# name -> (body, the error's param as OpenAI names the field: the body's own field, never llmfast's)
 BAD_BODIES = {
-    "malformed json": b'{"model": "tiny-qwen3", "prompt": ',
-    "not an object": b"[1, 2]",
-    "missing prompt": {"model": MODEL},
-    "prompt of wrong type": {"prompt": 5},
-    "temperature as string": {"prompt": "x", "temperature": "hot"},
-    "max_tokens as float": {"prompt": "x", "max_tokens": 1.5},
-    "negative temperature": {"prompt": "x", "temperature": -1},
-    "top_p out of range": {"prompt": "x", "top_p": 2},
-    "n zero": {"prompt": "x", "n": 0},
-    "bad top_k": {"prompt": "x", "top_k": -3},
-    "stop of wrong type": {"prompt": "x", "stop": [1]},
-    "stream as string": {"prompt": "x", "stream": "yes"},
-    "empty prompt": {"prompt": ""},
-    "token outside the vocabulary": {"prompt": [1, 10**6]},
-    "prompt too long": {"prompt": [3] * (MAX_LEN + 1)},
-    "prompt and max_tokens too long": {"prompt": [3] * 100, "max_tokens": MAX_LEN},
-    "seed out of range": {"prompt": "x", "seed": 2**70},
-    "lone surrogate": b'{"prompt": "a\\ud800b"}',
-    "lone surrogate in a list": b'{"prompt": ["fine", "\\udc80"]}',
+    "malformed json": (b'{"model": "tiny-qwen3", "prompt": ', None),
+    "not an object": (b"[1, 2]", None),
+    "missing prompt": ({"model": MODEL}, "prompt"),
+    "prompt of wrong type": ({"prompt": 5}, "prompt"),
+    "temperature as string": ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    "max_tokens as float": ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+    "negative temperature": ({"prompt": "x", "temperature": -1}, "temperature"),
+    "top_p out of range": ({"prompt": "x", "top_p": 2}, "top_p"),
+    "n zero": ({"prompt": "x", "n": 0}, "n"),
+    "bad top_k": ({"prompt": "x", "top_k": -3}, "top_k"),
+    "stop of wrong type": ({"prompt": "x", "stop": [1]}, "stop"),
+    "stream as string": ({"prompt": "x", "stream": "yes"}, "stream"),
+    "empty prompt": ({"prompt": ""}, "prompt"),
+    "empty token list in a list": ({"prompt": [[]]}, "prompt"),
+    "token outside the vocabulary": ({"prompt": [1, 10**6]}, "prompt"),
+    "prompt too long": ({"prompt": [3] * (MAX_LEN + 1)}, "prompt"),
+    "prompt and max_tokens too long": ({"prompt": [3] * 100, "max_tokens": MAX_LEN}, "prompt"),
+    "seed out of range": ({"prompt": "x", "seed": 2**70}, "seed"),
+    "lone surrogate": (b'{"prompt": "a\\ud800b"}', "prompt"),
+    "lone surrogate in a list": (b'{"prompt": ["fine", "\\udc80"]}', "prompt"),
 }
+HI = [{"role": "user", "content": "hi"}]
 BAD_CHAT_BODIES = {
-    "missing messages": {"model": MODEL},
-    "messages as string": {"messages": "hi"},
-    "no messages": {"messages": []},
-    "message without role": {"messages": [{"content": "hi"}]},
-    "image content": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-    "top_logprobs without logprobs": {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
-    "lone surrogate in a message": b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+    "missing messages": ({"model": MODEL}, "messages"),
+    "messages as string": ({"messages": "hi"}, "messages"),
+    "no messages": ({"messages": []}, "messages"),
+    "message without role": ({"messages": [{"content": "hi"}]}, "messages"),
+    "image content": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                      "messages"),
+    "top_logprobs without logprobs": ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    "top_logprobs too many": ({"messages": HI, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    "max_completion_tokens negative": ({"messages": HI, "max_completion_tokens": -1}, "max_completion_tokens"),
+    "max_tokens negative": ({"messages": HI, "max_tokens": -1}, "max_tokens"),
+    "lone surrogate in a message": (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages"),
 }
 
 
-@pytest.mark.parametrize("path,body", [("/v1/completions", b) for b in BAD_BODIES.values()]
-                         + [("/v1/chat/completions", b) for b in BAD_CHAT_BODIES.values()],
+@pytest.mark.parametrize("path,body,param", [("/v1/completions", *b) for b in BAD_BODIES.values()]
+                         + [("/v1/chat/completions", *b) for b in BAD_CHAT_BODIES.values()],
                          ids=[*BAD_BODIES, *BAD_CHAT_BODIES])
-def test_bad_requests_answer_400_and_the_server_keeps_serving(server, client, path, body):
+def test_bad_requests_answer_400_naming_the_field_and_the_server_keeps_serving(server, client, path, body, param):
     kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
         else {"json": body}
     response = httpx.post(server + path, timeout=30, **kwargs)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["code"] == 400 and error["type"] == "BadRequestError" and error["message"]
+    assert error["code"] == 400 and error["type"] == "BadRequestError" and error["param"] == param, error
+    assert param is None or error["message"].startswith(param) or "maximum context length" in error["message"]
     assert client.completions.create(model=MODEL, prompt="still", max_tokens=2).choices[0].text is not None
 
 

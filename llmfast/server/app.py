@@ -19,7 +19,6 @@ from typing import AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from llmfast.engine import LLM, CompletionOutput
@@ -37,10 +36,16 @@ class APIError(Exception):
         self.status, self.param = status, param
 
     @classmethod
-    def bad_value(cls, exc: ValueError, body: BaseModel) -> APIError:
-        """A 400 for an out-of-range value; llmfast's messages begin with the field they are about."""
-        field = str(exc).split(":", 1)[0]
-        return cls(str(exc), param=field if field in type(body).model_fields else None)
+    def bad_value(cls, exc: ValueError, body: protocol.SamplingFields, fallback: str | None = None) -> APIError:
+        """A 400 for an out-of-range value. llmfast's messages begin with the name they are about, which is
+        rewritten to the body field it came from (a chat's ``max_tokens`` is its ``max_completion_tokens``);
+        ``fallback`` is the param of a message that names no field."""
+        name, sep, rest = str(exc).partition(":")
+        field = body.field_named(name) if sep else name
+        param = field.split("[", 1)[0]
+        if param not in type(body).model_fields:
+            return cls(str(exc), param=fallback)
+        return cls(field + sep + rest, param=param)
 
 
 def _error(message: str, status: int, param: str | None = None) -> JSONResponse:
@@ -105,11 +110,11 @@ def build_app(llm: LLM, model_name: str) -> FastAPI:
         if model is not None and model != model_name:
             raise APIError(f"The model `{model}` does not exist; this server serves `{model_name}`.", 404, "model")
 
-    async def submit(body: BaseModel, prompts: list, params, add_special_tokens: bool) -> EngineRequest:
+    async def submit(body: protocol.SamplingFields, prompts: list, params, add_special_tokens: bool) -> EngineRequest:
         try:
             return await engine.add(prompts, params, add_special_tokens)
-        except ValueError as exc:
-            raise APIError.bad_value(exc, body) from None
+        except ValueError as exc:  # about the prompts (their tokens, their length)
+            raise APIError.bad_value(exc, body, fallback=body.field_named("prompt")) from None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:

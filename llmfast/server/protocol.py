@@ -31,7 +31,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingFields(_Strict):
+class SamplingFields(_Strict):
     """The body fields that both endpoints share: OpenAI's and vLLM's extra ones."""
 
     model: str | None = None
@@ -65,8 +65,12 @@ class _SamplingFields(_Strict):
         given = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs)
 
+    def field_named(self, name: str) -> str:
+        """The body field (with its index, if any) that llmfast's ``name`` in an error message is about."""
+        return name
 
-class CompletionRequest(_SamplingFields):
+
+class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None
@@ -85,6 +89,9 @@ class CompletionRequest(_SamplingFields):
         if not prompts:
             raise ValueError("prompt: the list of prompts is empty")
         return prompts
+
+    def field_named(self, name: str) -> str:
+        return "prompt" + name[len("prompts"):] if name.startswith("prompts[") else name  # the engine's prompts[i]
 
 
 class ContentPart(BaseModel):
@@ -108,7 +115,7 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -118,6 +125,13 @@ class ChatCompletionRequest(_SamplingFields):
     def max_new_tokens(self) -> int | None:
         """``max_completion_tokens`` or else ``max_tokens``; None: up to the model's maximum length."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def field_named(self, name: str) -> str:
+        if name == "prompt" or name.startswith("prompts["):  # the one prompt is the rendered conversation
+            return "messages"
+        if name == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return "top_logprobs" if name == "logprobs" else name
 
     def num_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
