@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llmfast.models import AttentionMetadata, load_model
+from llmfast.ops._checks import check_positive_int
 
 TOKENS_PER_FORWARD = 8192  # windows packed into one varlen forward, up to this many tokens
 LOGIT_ROWS = 1024  # scored tokens turned into logits at once: bounds the (rows, vocab) float32 buffer
@@ -57,9 +58,8 @@ def perplexity(
         longest = min(longest, model.config.sliding_window)
     max_length = longest if max_length is None else max_length
     stride = max(1, max_length // 2) if stride is None else stride
-    for name, value in (("max_length", max_length), ("stride", stride)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    check_positive_int("max_length", max_length)
+    check_positive_int("stride", stride)
     if max_length > longest:
         raise ValueError(f"max_length: the model reads at most {longest} positions (max_position_embeddings, or "
                          f"sliding_window if smaller), got {max_length}")

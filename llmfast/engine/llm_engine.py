@@ -17,13 +17,7 @@ from llmfast.engine.sampler import Sampler
 from llmfast.engine.sampling_params import SamplingParams
 from llmfast.engine.scheduler import Scheduler
 from llmfast.engine.sequence import Sequence
-
-
-def _check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {value!r}")
+from llmfast.ops._checks import check_positive_int
 
 
 def _eos_token_ids(path: Path, tokenizer) -> set[int]:
@@ -48,8 +42,8 @@ class LLMEngine:
                  enforce_eager: bool = False, seed: int = 0):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
-            _check_positive_int(name, value)
-        _check_positive_int("num_kv_blocks", num_kv_blocks, allow_none=True)
+            check_positive_int(name, value)
+        check_positive_int("num_kv_blocks", num_kv_blocks, allow_none=True)
         if quantization is not None and quantization not in QUANT_BITS:
             raise ValueError(f"quantization: expected None or one of {sorted(QUANT_BITS)}, got {quantization!r}")
         if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \

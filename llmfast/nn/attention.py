@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmfast.ops._checks import values_readable
+from llmfast.ops._checks import check_positive_int, values_readable
 from llmfast.ops.attention import attention
 
 
@@ -26,8 +26,7 @@ class MultiheadAttention(torch.nn.Module):
                  vdim: int | None = None, batch_first: bool = True, device=None, dtype=None,
                  backend: str = "auto") -> None:
         super().__init__()
-        if not isinstance(embed_dim, int) or embed_dim <= 0:
-            raise ValueError(f"embed_dim: expected a positive int, got {embed_dim!r}")
+        check_positive_int("embed_dim", embed_dim)
         if not isinstance(num_heads, int) or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"num_heads: expected a positive divisor of embed_dim={embed_dim}, got {num_heads!r}")
         if not 0.0 <= dropout < 1.0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from llmfast.ops._checks import check_positive_int
 from llmfast.ops.quant_matmul import quant_matmul
 from llmfast.quant.quantize import BITS, quantize
 from llmfast.quant.weight import GROUP_SIZES, QuantizedWeight
@@ -80,9 +81,8 @@ class QuantLinear(torch.nn.Module):
 
 
 def _check_layout(in_features, out_features, bits, group_size) -> None:
-    for name, value in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    check_positive_int("in_features", in_features)
+    check_positive_int("out_features", out_features)
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits: expected one of {BITS}, got {bits!r}")
     if isinstance(group_size, bool) or group_size not in GROUP_SIZES:

@@ -58,6 +58,14 @@ def check_positive_float(name: str, value: object) -> float:
     return float(value)
 
 
+def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    """A count (sizes, lengths, limits): an int >= 1, or None where ``allow_none``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
 def check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
