@@ -92,17 +92,32 @@ def test_key_padding_mask(backend, causal):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_causal_left_padding_falls_back_to_math(backend):
-    """Compared on the rows that see a key: torch's fully masked rows differ between its own paths."""
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_causal_left_padding_falls_back_to_math(backend, need_weights):
+    """A query that sees no key (left padding under a causal mask) outputs what torch's does: 0 with
+    need_weights=False (torch's SDPA path), NaN with need_weights=True (its softmax)."""
     require_backend(backend, "attention")
     ours, theirs = _pair(backend)
     x = _x(2, 7, EMBED)
     padding = torch.arange(7, device=DEVICE)[None, :] < torch.tensor([0, 2], device=DEVICE)[:, None]  # left
     mask = torch.ones(7, 7, dtype=torch.bool, device=DEVICE).triu(1)
-    kwargs = {"need_weights": False, "key_padding_mask": padding, "attn_mask": mask}
-    out, expected = ours(x, x, x, **kwargs)[0], theirs(x, x, x, **kwargs)[0]
-    sees_a_key = ~padding  # with left padding a query sees a key exactly when it is not padding
-    torch.testing.assert_close(out[sees_a_key], expected[sees_a_key], rtol=1e-4, atol=1e-4)
+    kwargs = {"need_weights": need_weights, "key_padding_mask": padding, "attn_mask": mask}
+    (out, weights), (expected, expected_weights) = ours(x, x, x, **kwargs), theirs(x, x, x, **kwargs)
+    assert padding.any() and out[padding].isnan().all() == need_weights
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, equal_nan=True)
+    if need_weights:
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_float64_runs_as_torch(need_weights):
+    ours, theirs = _pair()
+    ours, theirs = ours.double(), theirs.double()
+    x = _x(2, 5, EMBED).double()
+    out, _ = ours(x, x, x, need_weights=need_weights, is_causal=True,
+                  attn_mask=torch.ones(5, 5, dtype=torch.bool, device=DEVICE).triu(1))
+    assert out.dtype == torch.float64
+    _check(ours, theirs, (x, x, x), {"need_weights": need_weights})
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -167,6 +182,22 @@ def test_dropout_in_training_uses_torch_dropout_semantics():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_autocast_bfloat16_within_twice_the_error_of_torch(backend, need_weights):
+    """A float32 module inside torch.autocast(bfloat16), next to torch's module under the same autocast."""
+    require_backend(backend, "attention")
+    ours, theirs = _pair(backend)
+    x = _x(2, 9, EMBED)
+    kwargs = {"need_weights": need_weights, "is_causal": True,
+              "attn_mask": torch.ones(9, 9, dtype=torch.bool, device=DEVICE).triu(1)}
+    expected = ours(x, x, x, **kwargs)[0]  # float32, outside autocast
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, peer = ours(x, x, x, **kwargs)[0], theirs(x, x, x, **kwargs)[0]
+    assert out.dtype == peer.dtype == torch.bfloat16
+    assert_close_2x(out, peer, expected, slack_ulps=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_within_twice_the_error_of_torch(backend):
     """The fused path in fp16 against the float64 module, next to torch's module in fp16."""
     require_backend(backend, "attention")
@@ -192,6 +223,8 @@ def test_half_precision_within_twice_the_error_of_torch(backend):
     (lambda m, x: m(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.int32)), TypeError, "attn_mask"),
     (lambda m, x: m(x[0, 0], x, x), ValueError, "query, key, value"),
     (lambda m, x: m(x.tolist(), x, x), TypeError, "query"),
+    (lambda m, x: m(x.long(), x.long(), x.long()), TypeError, "query: expected dtype torch.float32"),
+    (lambda m, x: m(x, x.half(), x), TypeError, "key: expected dtype"),
 ])
 def test_bad_inputs(make_call, error, match):
     module = llmfast.nn.MultiheadAttention(EMBED, HEADS)

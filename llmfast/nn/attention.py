@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmfast.ops._checks import check_positive_int, values_readable
+from llmfast.ops._checks import FLOAT_DTYPES, check_positive_int, values_readable
 from llmfast.ops.attention import attention
 
 
@@ -17,8 +17,8 @@ class MultiheadAttention(torch.nn.Module):
     exactly the causal one), a boolean ``key_padding_mask`` (any pattern without causal masking; right
     padding with it) and no dropout in training. Everything else — ``need_weights=True`` (torch's
     default), other or float masks, ``add_bias_kv``/``add_zero_attn``, dropout while training — falls
-    back to plain PyTorch math with the same semantics as torch. One difference on the fused path: a
-    query that may see no key outputs 0 where torch gives NaN.
+    back to plain PyTorch math with the same semantics as torch (a query that may see no key outputs 0 with
+    ``need_weights=False`` and NaN with ``need_weights=True``, as torch's). float64 runs the math path.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
@@ -106,6 +106,7 @@ class MultiheadAttention(torch.nn.Module):
         causal = is_causal or (attn_mask is not None and _is_causal_mask(attn_mask, query.shape[1], key.shape[1]))
         fused = (
             not need_weights
+            and query.dtype in FLOAT_DTYPES
             and (attn_mask is None or causal)
             # the fused padding paths gather by the mask's values, which torch.compile cannot trace
             and (key_padding_mask is None or (key_padding_mask.dtype == torch.bool and values_readable()))
@@ -190,6 +191,8 @@ class MultiheadAttention(torch.nn.Module):
         if key_padding_mask is not None:
             scores = scores + _additive(key_padding_mask, scores.dtype)[:, None, None, :]
         probs = torch.softmax(scores, dim=-1)
+        if not need_weights:  # torch runs SDPA then, whose safe softmax gives a query that sees no key 0, not NaN
+            probs = probs.masked_fill(scores.isneginf().all(dim=-1, keepdim=True), 0.0)
         if self.training and self.dropout > 0:
             probs_used = F.dropout(probs, p=self.dropout)
         else:
@@ -203,6 +206,9 @@ class MultiheadAttention(torch.nn.Module):
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+            want = self.out_proj.weight.dtype
+            if t.dtype != want and not (t.is_floating_point() and torch.is_autocast_enabled(t.device.type)):
+                raise TypeError(f"{name}: expected dtype {want} (the module's parameters'), got {t.dtype}")
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(
                 f"query, key, value: expected 3 dims (batched) or 2 (unbatched) each, got shapes "

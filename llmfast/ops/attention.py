@@ -246,7 +246,9 @@ def dense_attention_reference(
     # query head h reads kv head h // (heads // kv_heads), as flash-attn
     k = k.float().repeat_interleave(heads // kv_heads, dim=2)  # (batch, seqlen_k, heads, head_dim)
     v = v.float().repeat_interleave(heads // kv_heads, dim=2)  # (batch, seqlen_k, heads, head_dim)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * softmax_scale  # (batch, heads, seqlen_q, seqlen_k)
+    autocast_off = torch.autocast(q.device.type, enabled=False)  # float32 math, also inside a caller's autocast
+    with autocast_off:
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * softmax_scale  # (batch, heads, seqlen_q, seqlen_k)
     visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
     if causal:
         row = torch.arange(seqlen_q, device=q.device)[:, None]
@@ -256,5 +258,6 @@ def dense_attention_reference(
     # `visible` then gives it zero weights, so it outputs 0 as in flash-attn.
     scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1) * visible
-    o = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # (batch, seqlen_q, heads, head_dim)
+    with autocast_off:
+        o = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # (batch, seqlen_q, heads, head_dim)
     return o.to(q.dtype)

@@ -52,7 +52,8 @@ def quant_matmul_reference(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tens
 
     Its signature is the contract for every quant_matmul backend: ``x`` arrives validated and 2-D.
     """
-    y = x.float() @ w.dequantize().float().T
+    with torch.autocast(x.device.type, enabled=False):  # float32 math, also inside a caller's autocast
+        y = x.float() @ w.dequantize().float().T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
