@@ -103,7 +103,9 @@ def _auto(op: str, device: torch.device) -> str:
 
 
 def resolve(op: str, backend: str, device: torch.device) -> str:
-    """The concrete backend name that ``select`` would use (after "auto" and LLMFAST_BACKEND)."""
+    """The concrete backend name that ``select`` would use (after "auto" and LLMFAST_BACKEND).
+
+    LLMFAST_BACKEND stands for "auto" in every op that has that backend; the others keep "auto"."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     if backend == "auto":
@@ -111,6 +113,8 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
         if forced and forced != "auto":
             if forced not in BACKENDS:
                 raise ValueError(f"{ENV_VAR}: expected one of {BACKENDS + ('auto',)}, got {forced!r}")
+            if forced not in _REGISTRY[op]:  # e.g. cpu for attention: no such kernel exists to force
+                return _auto(op, device)
             backend = forced
         else:
             return _auto(op, device)

@@ -6,6 +6,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from llmfast.backends import BackendUnavailable
+
 BENCHMARKS = ("norm", "attention", "quant", "paged", "throughput")
 
 
@@ -40,7 +42,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     try:
         main(args.model, num_prompts=args.num_prompts, max_tokens=args.max_tokens, device=args.device)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, BackendUnavailable) as exc:
         return _fail("demo", exc)
     return 0
 
@@ -69,7 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
                 if labelled:
                     print(f"--- prompt {i}, completion {completion.index} ({completion.finish_reason}) ---")
                 print(completion.text)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, BackendUnavailable) as exc:
         return _fail("generate", exc)
     return 0
 
@@ -82,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail("serve", f"{exc}; the server needs `pip install fastapi uvicorn`")
     try:
         llm = LLM(args.model, **_engine_kwargs(args))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, BackendUnavailable) as exc:
         return _fail("serve", exc)
     serve(llm, args.served_model_name or args.model, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -123,7 +125,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     try:
         text = Path(args.file).read_text(encoding="utf-8")
         ppl = perplexity(args.model, text, args.stride, args.max_length, dtype=args.dtype, device=args.device)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, BackendUnavailable) as exc:
         return _fail("eval ppl", exc)
     print(f"{ppl:.6f}")
     return 0

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from llmfast import cli
+from llmfast import available_backends, cli
 from llmfast.engine import LLM, SamplingParams
 
 pytest.importorskip("transformers")
@@ -70,6 +71,27 @@ def test_a_device_this_machine_lacks_is_reported(checkpoint, capsys, command, de
     args = [command, "--model", str(checkpoint), "--device", device, *(["--prompt", "a"] if command == "generate" else [])]
     assert cli.main(args) == 2
     assert f"llmfast {command}: error: device:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend may run on a GPU machine")
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_a_forced_backend_that_cannot_run_is_reported_before_serving(checkpoint, capsys, monkeypatch, command):
+    monkeypatch.setenv("LLMFAST_BACKEND", "cuda")
+    if command == "serve":
+        server = pytest.importorskip("llmfast.server")
+        monkeypatch.setattr(server, "serve", lambda *a, **k: pytest.fail("the server started"))
+    assert cli.main([command, "--model", str(checkpoint), *(["--prompt", "a"] if command == "generate" else [])]) == 2
+    assert f"llmfast {command}: error: backend 'cuda' cannot run" in capsys.readouterr().err
+
+
+def test_a_forced_cpu_backend_keeps_auto_for_ops_without_one(checkpoint, capsys, monkeypatch):
+    """attention has no C++ CPU kernel: LLMFAST_BACKEND=cpu forces the ops that have one."""
+    greedy = ["generate", "--model", str(checkpoint), "--prompt", "a", "--temperature", "0", "--max-tokens", "4"]
+    assert cli.main(greedy) == 0
+    expected = capsys.readouterr().out
+    monkeypatch.setenv("LLMFAST_BACKEND", "cpu" if "cpu" in available_backends("add_rms_norm") else "reference")
+    assert cli.main(greedy) == 0
+    assert capsys.readouterr().out == expected
 
 
 def test_generate_and_serve_report_a_missing_checkpoint(tmp_path, capsys):

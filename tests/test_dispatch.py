@@ -40,6 +40,13 @@ def test_env_var_overrides_auto(monkeypatch):
     assert resolve("add_rms_norm", "reference", torch.device("cpu")) == "reference"
 
 
+def test_env_var_keeps_auto_for_an_op_without_that_backend(monkeypatch):
+    monkeypatch.setenv("LLMFAST_BACKEND", "cpu")
+    expected = resolve("attention", "reference", torch.device("cpu"))
+    assert "cpu" not in llmfast.backends._REGISTRY["attention"]
+    assert resolve("attention", "auto", torch.device("cpu")) == expected
+
+
 def test_env_var_naming_an_unknown_backend(monkeypatch):
     monkeypatch.setenv("LLMFAST_BACKEND", "fastest")
     with pytest.raises(ValueError, match="LLMFAST_BACKEND"):

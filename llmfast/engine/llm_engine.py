@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from llmfast.backends import resolve as resolve_backend
 from llmfast.device import resolve_device
 from llmfast.engine.block_manager import BlockManager
 from llmfast.engine.detokenizer import Detokenizer, load_tokenizer
@@ -18,6 +19,9 @@ from llmfast.engine.sampling_params import SamplingParams
 from llmfast.engine.scheduler import Scheduler
 from llmfast.engine.sequence import Sequence
 from llmfast.ops._checks import check_positive_int
+
+# the llmfast ops a model forward calls (quant_matmul too for a quantized model)
+ENGINE_OPS = ("add_rms_norm", "add_layer_norm", "attention", "write_kv_cache", "paged_attention")
 
 
 def _eos_token_ids(path: Path, tokenizer) -> set[int]:
@@ -57,6 +61,8 @@ class LLMEngine:
             # an OSError, as transformers' and vLLM's loaders raise for a missing checkpoint
             raise FileNotFoundError(f"model: expected a local checkpoint folder, got {model!r} (nothing is downloaded)")
         self.device = resolve_device(device)
+        for op in ENGINE_OPS + (("quant_matmul",) if quantization else ()):  # LLMFAST_BACKEND fails here, not mid-request
+            resolve_backend(op, "auto", self.device)
         self.runner = ModelRunner(model, dtype=dtype, device=self.device, quantization=quantization,
                                   block_size=block_size, num_kv_blocks=num_kv_blocks,
                                   gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
