@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmfast.engine.detokenizer import load_tokenizer
 from llmfast.models import AttentionMetadata, load_model
 from llmfast.ops._checks import check_positive_int
 
@@ -46,12 +47,12 @@ def perplexity(
     ``sliding_window``), ``stride`` to half of it. The model is ``load_model(model_dir, dtype=dtype,
     device=device)``.
     """
-    from transformers import AutoTokenizer  # transformers is needed only for the tokenizer
-
     model = load_model(model_dir, dtype=dtype, device=device)
     if not hasattr(model, "compute_logits"):
         raise ValueError(f"model_dir: {type(model).__name__} is not a causal language model; perplexity needs one")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise ValueError(f"model_dir: {model_dir} has no tokenizer files; the text is tokenized with the checkpoint's")
     token_ids = tokenizer(text)["input_ids"]
     longest = model.config.max_position_embeddings
     if getattr(model.config, "sliding_window", None) is not None:  # llmfast's attention has no sliding-window mask
@@ -60,6 +61,9 @@ def perplexity(
     stride = max(1, max_length // 2) if stride is None else stride
     check_positive_int("max_length", max_length)
     check_positive_int("stride", stride)
+    if max_length < 2:
+        raise ValueError(f"max_length: expected at least 2 (a window scores only the tokens after its first), "
+                         f"got {max_length}")
     if max_length > longest:
         raise ValueError(f"max_length: the model reads at most {longest} positions (max_position_embeddings, or "
                          f"sliding_window if smaller), got {max_length}")

@@ -2,6 +2,7 @@
 tokenizer, both built offline; exp(HF's mean loss) over the same sliding windows, to 1e-4 relative."""
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -102,11 +103,21 @@ def test_packing_windows_into_several_forwards_changes_nothing(checkpoint, monke
 
 
 @pytest.mark.parametrize("stride,max_length,message", [
-    (0, 16, "stride"), (17, 16, "stride"), (8, 33, "max_length"), (8, 0, "max_length"),
+    (0, 16, "stride"), (17, 16, "stride"), (8, 33, "max_length"), (8, 0, "max_length"), (1, 1, "max_length"),
 ])
 def test_bad_windows_are_refused(checkpoint, stride, max_length, message):
     with pytest.raises(ValueError, match=message):
         perplexity(checkpoint[0], TEXT, stride, max_length)
+
+
+@pytest.mark.parametrize("checkpoint", ["llama"], indirect=True)
+def test_a_checkpoint_without_a_tokenizer_is_refused(checkpoint, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(checkpoint[0], folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="model_dir: .* has no tokenizer files"):
+        perplexity(folder, TEXT, 8, 16)
 
 
 @pytest.mark.parametrize("checkpoint", ["llama"], indirect=True)  # one run: the command takes seconds to start
@@ -130,6 +141,8 @@ def test_cli_reports_bad_arguments(checkpoint, tmp_path, capsys):
     assert "max_length" in capsys.readouterr().err
     assert cli.main(["eval", "ppl", "--model", str(folder), "--file", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+    assert cli.main(["eval", "ppl", "--model", str(folder), "--file", str(text_file), "--max-length", "1"]) == 2
+    assert "max_length: expected at least 2" in capsys.readouterr().err
     for device in ("tpu", "cuda:99"):  # a device no machine here has ends cleanly too
         assert cli.main(["eval", "ppl", "--model", str(folder), "--file", str(text_file), "--device", device]) == 2
         assert "device" in capsys.readouterr().err
