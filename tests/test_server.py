@@ -194,7 +194,7 @@ BAD_BODIES = {
     "bad top_k": ({"prompt": "x", "top_k": -3}, "top_k"),
     "stop of wrong type": ({"prompt": "x", "stop": [1]}, "stop"),
     "stream as string": ({"prompt": "x", "stream": "yes"}, "stream"),
-    "empty prompt": ({"prompt": ""}, "prompt"),
+    "stream_options without stream": ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     "empty token list in a list": ({"prompt": [[]]}, "prompt"),
     "token outside the vocabulary": ({"prompt": [1, 10**6]}, "prompt"),
     "prompt too long": ({"prompt": [3] * (MAX_LEN + 1)}, "prompt"),
@@ -231,6 +231,34 @@ def test_bad_requests_answer_400_naming_the_field_and_the_server_keeps_serving(s
     assert error["code"] == 400 and error["type"] == "BadRequestError" and error["param"] == param, error
     assert param is None or error["message"].startswith(param) or "maximum context length" in error["message"]
     assert client.completions.create(model=MODEL, prompt="still", max_tokens=2).choices[0].text is not None
+
+
+def test_null_fields_take_their_defaults_and_an_empty_text_is_tokenized(server, llm):
+    """OpenAI's fields are "... or null"; "" is a prompt when the tokenizer gives it tokens (this one adds bos)."""
+    assert llm.tokenizer("").input_ids, "the test needs a tokenizer that adds a token to an empty text"
+    body = {"prompt": "", "max_tokens": 3, "temperature": 0, "n": None, "stream": None, "echo": None, "seed": None}
+    response = httpx.post(server + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    expected = llm.generate("", SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0].outputs[0].text
+    assert [c["text"] for c in response.json()["choices"]] == [expected]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": None, "logprobs": None,
+            "add_generation_prompt": None, "stream": None}
+    response = httpx.post(server + "/v1/chat/completions", json=chat, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1 and response.json()["choices"][0]["logprobs"] is None
+
+
+def test_engine_names_map_to_the_body_fields():
+    """The engine's messages name its own arguments; a 400 names the field of the body that was sent."""
+    from llmfast.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    completion = CompletionRequest(prompt=[[1], [2]], stop="x")
+    assert [completion.field_named(n) for n in ("sampling_params[1].stop", "prompts[1]", "max_tokens")] == \
+        ["stop", "prompt[1]", "max_tokens"]
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3)
+    assert [chat.field_named(n) for n in ("sampling_params[0].stop", "prompts[0]", "prompt", "max_tokens",
+                                          "logprobs")] == ["stop", "messages", "messages", "max_completion_tokens",
+                                                           "top_logprobs"]
 
 
 def test_unknown_model_is_404(server, client):

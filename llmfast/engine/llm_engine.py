@@ -80,9 +80,9 @@ class LLMEngine:
         self._request_ids = itertools.count()
 
     def encode(self, text: str, name: str, add_special_tokens: bool = True) -> list[int]:
-        """The token ids of a text prompt; a ValueError naming ``name`` when it cannot be tokenized."""
-        if not text:
-            raise ValueError(f"{name}: the prompt is empty")
+        """The token ids of a text prompt; a ValueError naming ``name`` when it cannot be tokenized. An empty
+        text is tokenized too (a tokenizer may add a bos token to it, as vLLM reads it); no tokens is refused
+        later, with token-id prompts."""
         if self.tokenizer is None:
             raise ValueError(f"{name}: a text prompt needs a tokenizer, and the checkpoint has none; "
                              "pass token ids instead")

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from llmfast.engine import CompletionOutput, Logprob, SamplingParams
 
@@ -25,6 +25,12 @@ EXPECTED = {
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True)  # unknown fields are ignored, as vLLM does
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI's fields are "... or null": a null field takes its default (a required one stays missing)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class StreamOptions(_Strict):
@@ -60,6 +66,8 @@ class SamplingFields(_Strict):
         ValueError naming the field for out-of-range values and for what llmfast does not support."""
         if self.logit_bias:
             raise ValueError("logit_bias: not supported by llmfast")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream=true (as vLLM)")
         names = ("n", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed", "top_k",
                  "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids")
         given = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
@@ -67,6 +75,11 @@ class SamplingFields(_Strict):
 
     def field_named(self, name: str) -> str:
         """The body field (with its index, if any) that llmfast's ``name`` in an error message is about."""
+        if name.startswith("sampling_params[") and "." in name:  # the engine's check of one prompt's params
+            name = name.split(".", 1)[1]
+        return self._body_field(name)
+
+    def _body_field(self, name: str) -> str:
         return name
 
 
@@ -90,7 +103,7 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt: the list of prompts is empty")
         return prompts
 
-    def field_named(self, name: str) -> str:
+    def _body_field(self, name: str) -> str:
         return "prompt" + name[len("prompts"):] if name.startswith("prompts[") else name  # the engine's prompts[i]
 
 
@@ -126,7 +139,7 @@ class ChatCompletionRequest(SamplingFields):
         """``max_completion_tokens`` or else ``max_tokens``; None: up to the model's maximum length."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def field_named(self, name: str) -> str:
+    def _body_field(self, name: str) -> str:
         if name == "prompt" or name.startswith("prompts["):  # the one prompt is the rendered conversation
             return "messages"
         if name == "max_tokens" and self.max_completion_tokens is not None:
