@@ -56,6 +56,18 @@ def test_fused_add_modules_return_norm_of_the_sum_and_the_sum(backend):
         torch.testing.assert_close(y0, plain(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("make, match", [
+    (lambda: llmfast.nn.RMSNorm(-1), "hidden_size: expected a positive int"),
+    (lambda: llmfast.nn.RMSNorm(0), "hidden_size"),
+    (lambda: llmfast.nn.LayerNorm((4, 0)), "normalized_shape"),
+    (lambda: llmfast.nn.LayerNorm(()), "normalized_shape: expected at least one dim"),
+    (lambda: llmfast.nn.FusedAddLayerNorm(2.5), "normalized_shape"),
+])
+def test_bad_sizes_are_refused_when_built(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 def test_modules_name_the_argument_on_bad_input():
     with pytest.raises(ValueError, match="x: expected trailing dims"):
         llmfast.nn.LayerNorm(8)(torch.randn(2, 9))

@@ -7,19 +7,26 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from llmfast.ops._checks import check_positive_int
 from llmfast.ops.norm import add_layer_norm, add_rms_norm
 
 
-def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
-    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+def _as_shape(name: str, normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    is_sequence = isinstance(normalized_shape, (tuple, list, torch.Size))
+    shape = tuple(normalized_shape) if is_sequence else (normalized_shape,)
+    if not shape:
+        raise ValueError(f"{name}: expected at least one dim, got {normalized_shape!r}")
+    for size in shape:
+        check_positive_int(name, size)
+    return shape
 
 
 class _NormBase(torch.nn.Module):
     """Normalises the trailing ``normalized_shape`` dims, flattened into one hidden dim."""
 
-    def __init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype, backend):
+    def __init__(self, shape_name, normalized_shape, eps, elementwise_affine, bias, device, dtype, backend):
         super().__init__()
-        self.normalized_shape = _as_shape(normalized_shape)
+        self.normalized_shape = _as_shape(shape_name, normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.backend = backend
@@ -62,7 +69,7 @@ class FusedAddLayerNorm(_NormBase):
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
                  device=None, dtype=None, *, backend: str = "auto"):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend)
+        super().__init__("normalized_shape", normalized_shape, eps, elementwise_affine, bias, device, dtype, backend)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
@@ -89,7 +96,7 @@ class FusedAddRMSNorm(_NormBase):
 
     def __init__(self, hidden_size, eps: float | None = 1e-6, elementwise_affine=True,
                  device=None, dtype=None, *, backend: str = "auto"):
-        super().__init__(hidden_size, eps, elementwise_affine, False, device, dtype, backend)
+        super().__init__("hidden_size", hidden_size, eps, elementwise_affine, False, device, dtype, backend)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
