@@ -106,6 +106,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     """Runs one benchmark, or each in turn for `all` (a failure does not stop the others); the worst exit code."""
     names = BENCHMARKS if args.name == "all" else (args.name,)
+    if args.name == "all" and {"-h", "--help"} & set(args.bench_args):
+        print(f"usage: llmfast bench all [OPTIONS]\n\nRuns {', '.join(BENCHMARKS)} in turn, each with OPTIONS "
+              "(e.g. --quick); `llmfast bench NAME --help` lists one benchmark's options.")
+        return 0
     codes = []
     for name in names:
         # benchmarks/ is installed as llmfast_benchmarks beside llmfast (see setup.py)

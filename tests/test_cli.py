@@ -142,6 +142,12 @@ def test_every_benchmark_has_a_cli_entry_with_help(name):
     assert "--quick" in result.stdout
 
 
+def test_bench_all_help_describes_all(capsys):
+    assert cli.main(["bench", "all", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llmfast bench all") and "bench_norm" not in out
+
+
 def test_bench_rejects_an_unknown_name():
     result = llmfast("bench", "nope", timeout=60)
     assert result.returncode == 2 and "invalid choice" in result.stderr
