@@ -59,7 +59,7 @@ def patch(model: nn.Module, *, attention: bool = True, norm: bool = True, quanti
     Returns ``model``. Raises ValueError for a model whose class is not of a ``SUPPORTED`` type.
     """
     family = _family(model)
-    if quantize is not None and (isinstance(quantize, bool) or quantize not in QUANTIZE_BITS):
+    if quantize is not None and (type(quantize) is not int or quantize not in QUANTIZE_BITS):  # 8.0 == 8 too
         raise ValueError(f"quantize: expected None or one of {QUANTIZE_BITS}, got {quantize!r}")
     if attention:
         _use_llmfast_attention(model)

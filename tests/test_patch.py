@@ -207,8 +207,11 @@ def test_unsupported_model_and_bad_arguments_are_refused():
         patch(transformers.AutoModelForCausalLM.from_config(config))
     with pytest.raises(ValueError, match="Linear"):
         patch(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="quantize"):
-        patch(tiny_model("llama"), quantize=3)
+    for bad in (3, 8.0, True):
+        model = tiny_model("llama")
+        with pytest.raises(ValueError, match="quantize"):
+            patch(model, quantize=bad)
+        assert model.config._attn_implementation != "llmfast"  # refused before anything changed
     assert set(SUPPORTED) >= {"llama", "mistral", "qwen2", "qwen3", "gpt2", "bert"}
 
 
