@@ -114,6 +114,7 @@ def llmfast_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     if _attentions_requested(kwargs):  # a fused kernel never forms the probabilities the caller asks for
         return _attention_with_probs(module, query, key, value, attention_mask, dropout, scaling, causal)
+    query, key, value = _autocast(query, key, value)
     supported = (
         dropout == 0.0 and query.dtype in FLOAT_DTYPES and key.dtype == value.dtype == query.dtype
         and query.shape[-1] == value.shape[-1] <= MAX_HEAD_DIM
@@ -136,6 +137,16 @@ def llmfast_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if causal and k.shape[1] > seqlen_q:  # as SDPA: a static cache's first chunk reads its first keys only
         k, v = k[:, :seqlen_q], v[:, :seqlen_q]
     return ops.attention(q, k, v, causal=causal, softmax_scale=scaling), None
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the autocast dtype inside a caller's autocast, as SDPA takes them there: under autocast
+    Llama's rotary embedding leaves query and key float32 beside a bf16 value, which no kernel takes."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
 def _attentions_requested(kwargs: dict) -> bool:
@@ -263,7 +274,11 @@ class FusedPostLN(nn.Module):
         self.dropout = block.dropout
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)), input_tensor)[0]
+        x = self.dropout(self.dense(hidden_states))
+        # Under autocast the dense output is bf16/fp16 while the residual stream stays float32; the unfused
+        # ``x + input_tensor`` promotes, so the fused add must too (not round the residual to x's dtype).
+        dtype = torch.promote_types(x.dtype, input_tensor.dtype)
+        return self.LayerNorm(x.to(dtype), input_tensor.to(dtype))[0]
 
 
 def _quantize_linears(model: nn.Module, bits: int) -> None:

@@ -128,6 +128,20 @@ def test_generate_with_a_static_cache_matches_unpatched(no_sdpa_fallback):
     torch.testing.assert_close(patched.generate(ids, **kwargs), ref.generate(ids, **kwargs), atol=0, rtol=0)
 
 
+def test_outputs_under_autocast_match_unpatched(pair, no_sdpa_fallback):
+    """Under bf16 autocast a patched model returns the dtype the unpatched one does, within 2x its error
+    (BERT's post-LN block adds a bf16 dense output to a float32 residual: the sum must stay float32)."""
+    ref, patched = pair
+    ids, mask = padded_batch("right")
+    with torch.no_grad():
+        exact = output(ref, ids, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, out = output(ref, ids, mask), output(patched, ids, mask)
+    assert out.dtype == expected.dtype
+    rows = mask.bool()  # a padded position's hidden state is arbitrary
+    assert_close_2x(out[rows], expected[rows], exact[rows])
+
+
 def gradients(model, ids, mask):
     """Each trainable parameter's gradient of a fixed random projection of the output (in train mode)."""
     model.train().zero_grad()
