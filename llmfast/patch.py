@@ -86,13 +86,27 @@ def _family(model: nn.Module) -> Family:
 # attention
 
 
-def _use_llmfast_attention(model) -> None:
+class _AttentionRegistration:
+    """Held by a patched model (a plain attribute: no state_dict key, no submodule) so that unpickling the
+    model (``torch.load`` of a ``torch.save``d model, in a process that never called ``patch``) registers
+    llmfast's attention with transformers before the model's first forward."""
+
+    def __reduce__(self):
+        return _register_attention, ()
+
+
+def _register_attention() -> _AttentionRegistration:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, llmfast_attention)
     # SDPA's boolean masks, or None where SDPA would pass is_causal: llmfast_attention reads either exactly
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return _AttentionRegistration()
+
+
+def _use_llmfast_attention(model) -> None:
+    model._llmfast_attention = _register_attention()
     # Models built from one config object share it, and the implementation is read from the config at
     # every call: this model gets its own copy, so that switching it leaves the others alone.
     shared, own = model.config, copy.deepcopy(model.config)

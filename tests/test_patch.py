@@ -3,6 +3,8 @@ CPU, tiny random models per family) in outputs with and without padding, greedy 
 import copy
 import io
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,6 +142,30 @@ def test_outputs_under_autocast_match_unpatched(pair, no_sdpa_fallback):
     assert out.dtype == expected.dtype
     rows = mask.bool()  # a padded position's hidden state is arbitrary
     assert_close_2x(out[rows], expected[rows], exact[rows])
+
+
+def test_a_pickled_patched_model_runs_in_a_new_process(tmp_path):
+    """torch.save(model) then torch.load in a process that never imported llmfast: the model still finds
+    its "llmfast" attention (registered with transformers only inside patch() otherwise)."""
+    ids = torch.randint(1, VOCAB, (2, 7))
+    models = [patch(tiny_model("llama")), patch(tiny_model("bert"), norm=False)]
+    with torch.no_grad():
+        outputs = [output_of(model(input_ids=ids)) for model in models]
+    torch.save((models, ids, outputs), tmp_path / "models.pt")
+    script = (
+        "import sys, torch\n"
+        "models, ids, outputs = torch.load(sys.argv[1], weights_only=False)\n"
+        "with torch.no_grad():\n"
+        "    for model, expected in zip(models, outputs):\n"
+        "        assert model.config._attn_implementation == 'llmfast'\n"
+        "        out = model(input_ids=ids)\n"
+        "        got = out.last_hidden_state if hasattr(out, 'last_hidden_state') else out.logits\n"
+        "        torch.testing.assert_close(got, expected, atol=0, rtol=0)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "models.pt")], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def gradients(model, ids, mask):
