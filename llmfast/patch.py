@@ -53,7 +53,8 @@ def patch(model: nn.Module, *, attention: bool = True, norm: bool = True, quanti
     model gets its own copy of its config). Parameters are shared with the swapped modules, so ``state_dict``
     keys and values stay, and forward, ``generate`` and ``loss.backward()`` give the same results within
     dtype tolerance. ``quantize``: weight-only round-to-nearest ``llmfast.nn.QuantLinear`` for every linear
-    layer except the output head (their weights frozen, gradients still pass through them to the layers below).
+    layer except the output head (their weights frozen; their biases stay the model's parameters, trainable as
+    before; gradients still pass through them to the layers below).
     A quantized layer keeps its ``state_dict`` key: it saves its dequantized weight as ``weight`` and quantizes
     a ``weight`` it loads.
     Returns ``model``. Raises ValueError for a model whose class is not of a ``SUPPORTED`` type.
@@ -311,8 +312,11 @@ def _quantize_linears(model: nn.Module, bits: int) -> None:
             linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
             linear.bias = child.bias
         layer = QuantLinear.from_linear_auto(linear, bits)
-        if layer is not None:
-            _keep_state_dict_keys(layer, transposed=isinstance(child, Conv1D))
+        if layer is None:
+            return None
+        if child.bias is not None and child.bias.dtype == layer.bias.dtype:
+            layer.bias = child.bias  # the model's own parameter, trainable as before (from_linear freezes a copy)
+        _keep_state_dict_keys(layer, transposed=isinstance(child, Conv1D))
         return layer
 
     replace_children(model, build)

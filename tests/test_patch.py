@@ -276,8 +276,8 @@ def test_quantized_outputs_stay_close(family, bits, tolerance):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_model_trains_like_its_dequantized_copy(family, bits):
-    """Gradients flow through the quantized layers: every remaining parameter gets the gradient of an
-    unpatched copy whose linear weights are the dequantized ones (the quantized weights themselves are frozen)."""
+    """Gradients flow through the quantized layers: every parameter but the quantized weights (biases too)
+    gets the gradient of an unpatched copy whose linear weights are the dequantized ones."""
     quant_linear = pytest.importorskip("llmfast.nn.quant_linear")
     patched = patch(tiny_model(family), quantize=bits, attention=False, norm=False)
     assert any(isinstance(m, quant_linear.QuantLinear) for m in patched.modules())
@@ -285,6 +285,8 @@ def test_quantized_model_trains_like_its_dequantized_copy(family, bits):
     ref.load_state_dict(patched.state_dict())  # the dequantized weights, under transformers' keys
     ids, mask = padded_batch("right")
     grads = [gradients(model, ids, mask) for model in (ref, patched)]
+    frozen = {f"{name}.weight" for name, m in patched.named_modules() if isinstance(m, quant_linear.QuantLinear)}
+    assert set(grads[1]) == set(grads[0]) - frozen
     embeddings = [name for name in grads[1] if "emb" in name or "wte" in name]
     assert embeddings and all(grads[1][name] is not None for name in embeddings)  # reached the bottom
     for name, grad in grads[1].items():
