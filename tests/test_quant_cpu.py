@@ -215,6 +215,22 @@ def test_quant_linear_is_a_drop_in_for_linear():
     assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
 
 
+@pytest.mark.parametrize("quant", [(8, 64), (4, 128)])
+def test_quant_linear_under_autocast_runs_like_linear(quant):
+    """Inside autocast a float32 layer computes in the autocast dtype and returns it, as nn.Linear does."""
+    linear = torch.nn.Linear(256, 40)
+    qlinear = QuantLinear.from_linear(linear, *quant)
+    dequantized = torch.nn.Linear(256, 40)
+    dequantized.load_state_dict({"weight": qlinear.weight, "bias": linear.bias})
+    x = torch.randn(3, 7, 256)
+    with torch.no_grad():
+        exact = dequantized(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, peer = qlinear(x), dequantized(x)
+    assert out.dtype == peer.dtype == torch.bfloat16
+    assert_close_2x(out, peer, exact)
+
+
 def test_quant_linear_compiles_fullgraph():
     qlinear = QuantLinear.from_linear(torch.nn.Linear(128, 40), bits=4, group_size=64)
     x = torch.randn(3, 128)

@@ -17,7 +17,7 @@ class QuantLinear(torch.nn.Module):
     ``weight_q.qweight``, ``weight_q.scales``, ``weight_q.zeros`` (4 bits only) and ``bias``.
     ``forward`` takes ``x (..., in_features)``, usually in ``dtype`` (the dtype of the quantized weight's
     scales; another float dtype uses the scales and bias cast to it, as ``quant_matmul`` says), and returns
-    ``(..., out_features)`` in ``x.dtype``. The weight is frozen: backward gives ``x`` (and ``bias``, if it is
+    ``(..., out_features)`` in ``x.dtype`` (inside autocast, in the autocast dtype, as nn.Linear). The weight is frozen: backward gives ``x`` (and ``bias``, if it is
     made trainable) their gradients, as a frozen nn.Linear would, and none to the quantized weight.
     """
 
@@ -73,6 +73,8 @@ class QuantLinear(torch.nn.Module):
         return self.weight_q.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # as nn.Linear runs (and returns) under autocast
         return quant_matmul(x, self.weight_q, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
