@@ -1,9 +1,12 @@
 """Backend selection: available_backends, the backend= keyword, LLMFAST_BACKEND, BackendUnavailable."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmfast
+from llmfast import ops
 from llmfast.backends import resolve
+from llmfast.quant import quantize
 
 PUBLIC_OPS = ["add_layer_norm", "add_rms_norm", "attention", "write_kv_cache", "paged_attention", "quant_matmul"]
 
@@ -68,3 +71,58 @@ def test_cpu_extension_is_listed_when_built():
         assert "cpu" in llmfast.available_backends("add_rms_norm")
     else:
         assert "cpu" not in llmfast.available_backends("add_rms_norm")
+
+
+class _LlmfastOpsCalled(TorchDispatchMode):
+    """Records the ``llmfast::`` ops (the compiled C++ ops and the Triton custom ops) that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "llmfast":
+            self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def _sample_call(op: str):
+    """A small valid call of ``op`` on CPU tensors, as ``fn(backend)``."""
+    torch.manual_seed(0)
+    x, q = torch.randn(3, 64), torch.randn(1, 5, 4, 32)
+    k, v = torch.randn(5, 2, 32), torch.randn(5, 2, 32)
+    k_cache, v_cache = torch.randn(4, 16, 2, 32), torch.randn(4, 16, 2, 32)
+    block_tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    context_lens = torch.tensor([20, 5], dtype=torch.int32)
+    weight = quantize(torch.randn(16, 64), 8, 64)
+    calls = {
+        "add_layer_norm": lambda b: ops.add_layer_norm(x, x, torch.randn(64), torch.randn(64), backend=b),
+        "add_rms_norm": lambda b: ops.add_rms_norm(x, x, torch.randn(64), backend=b),
+        "attention": lambda b: ops.attention(q, q, q, causal=True, backend=b),
+        "write_kv_cache": lambda b: ops.write_kv_cache(k, v, k_cache, v_cache, torch.arange(5), backend=b),
+        "paged_attention": lambda b: ops.paged_attention(q[0, :2], k_cache, v_cache, block_tables, context_lens,
+                                                         backend=b),
+        "quant_matmul": lambda b: ops.quant_matmul(x, weight, backend=b),
+    }
+    return calls[op]
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS)
+def test_each_backend_runs_its_own_kernel(op):
+    """backend="triton" runs a Triton custom op, "cpu" the C++ op it registered, "reference" none of ours;
+    "auto" on CPU runs the C++ op where there is one (never the interpreter)."""
+    call, impls = _sample_call(op), llmfast.backends._REGISTRY[op]
+    expected = {}
+    for backend in llmfast.available_backends(op) + ["auto"]:
+        with _LlmfastOpsCalled() as called:
+            call(backend)
+        expected[backend] = called.names
+        if backend == "reference":
+            assert not called.names, (op, called.names)
+        elif backend == "triton":
+            assert called.names and all(name.endswith("_triton") for name in called.names), (op, called.names)
+        elif backend == "cpu":
+            assert called.names == {f"llmfast::{impls['cpu'][1]}"}, (op, called.names)
+    if "cpu" in impls and "cpu" in llmfast.available_backends(op):
+        assert expected["auto"] == expected["cpu"], op
+    assert "cpu" in impls or op == "attention", f"{op} has no C++ CPU kernel"

@@ -71,6 +71,13 @@ def test_each_extension_defines_the_python_entry_point_once(module):
     assert len(defining) == 1, (module, defining)
 
 
+def test_cpu_extension_is_built_and_loaded():
+    """setup.py always builds llmfast._C: without it every cpu-backend test would skip, not fail."""
+    from llmfast import _ext
+
+    assert _ext.cpu_loaded(), _ext.cpu_error()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_extension_imports_and_registers_its_ops():
