@@ -2,8 +2,8 @@
 
 A token's text can depend on its neighbours (SentencePiece's leading spaces, byte-level pieces of one
 character), so each step decodes a short window of the latest tokens twice, with and without the new
-one, and appends the difference (vLLM's prefix/read offsets); a window that ends inside a multi-byte
-character waits for the next token.
+one, and appends the difference (vLLM's prefix/read offsets); the end of a window that stops inside a
+multi-byte character waits for the next token.
 """
 from __future__ import annotations
 
@@ -34,29 +34,42 @@ class Detokenizer:
     def token_text(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self._decode([token_id])
 
-    def update(self, seq: Sequence, num_tokens: int) -> str:
+    def update(self, seq: Sequence, num_tokens: int, final: bool = False) -> str:
         """Decodes ``seq.token_ids`` up to ``num_tokens`` (the newest token is left out when it is the
-        eos or stop token that ended the sequence); appends the new text to ``seq.text`` and returns it."""
+        eos or stop token that ended the sequence); appends the new text to ``seq.text`` and returns it.
+
+        Trailing U+FFFD may be a multi-byte character still arriving: they wait for the next token, or for
+        the last one (``final``: the sequence ended, so they are the text). The text before them does not
+        wait, so a run of tokens that each end inside a character cannot hold text back."""
         if self.tokenizer is None or num_tokens <= seq.read_offset:
             return ""
         ids = seq.token_ids
         before = self._decode(ids[seq.prefix_offset:seq.read_offset])
         after = self._decode(ids[seq.prefix_offset:num_tokens])
-        if len(after) <= len(before) or after.endswith("\ufffd"):  # nothing printable yet
+        complete = final or not after.endswith("\ufffd")
+        shown = after if complete else after.rstrip("\ufffd")
+        start = len(before) + seq.held_chars  # what this window has already given to seq.text
+        if len(shown) <= start:  # nothing printable yet
             return ""
-        piece = after[len(before):]
-        seq.prefix_offset, seq.read_offset = seq.read_offset, num_tokens
+        piece = shown[start:]
+        if complete:
+            seq.prefix_offset, seq.read_offset, seq.held_chars = seq.read_offset, num_tokens, 0
+        else:
+            seq.held_chars += len(piece)
         seq.text += piece
         return piece
 
     @staticmethod
     def find_stop_string(seq: Sequence, new_chars: int) -> str | None:
-        """The first of ``seq``'s stop strings that the last ``new_chars`` characters completed; the text
-        is cut where it begins."""
+        """The stop string that the last ``new_chars`` characters completed earliest in the text (the first
+        listed at a tie); the text is cut where it begins, so it holds none of them."""
+        found = None  # (position, stop)
         for stop in seq.params.stop:
             start = max(len(seq.text) - new_chars - len(stop) + 1, 0)
             at = seq.text.find(stop, start)
-            if at != -1:
-                seq.text = seq.text[:at]
-                return stop
-        return None
+            if at != -1 and (found is None or at < found[0]):
+                found = (at, stop)
+        if found is None:
+            return None
+        seq.text = seq.text[:found[0]]
+        return found[1]

@@ -142,11 +142,12 @@ class LLMEngine:
             finish = "stop"
         elif may_stop and token in p.stop_token_ids:
             finish, reason = "stop", token
-        # the eos or stop token stays in token_ids but not in the text
-        piece = self.detokenizer.update(seq, seq.num_tokens - 1 if finish is not None else seq.num_tokens)
+        stopped_by_token = finish is not None
         if finish is None and (seq.num_tokens >= self.max_model_len
                                or (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)):
             finish = "length"
+        # the eos or stop token stays in token_ids but not in the text
+        piece = self.detokenizer.update(seq, seq.num_tokens - stopped_by_token, final=finish is not None)
         if piece and p.stop and may_stop:
             stop = self.detokenizer.find_stop_string(seq, len(piece))
             if stop is not None:

@@ -54,6 +54,7 @@ class Sequence:
         self.text = ""
         self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
         self.read_offset = self.num_prompt_tokens
+        self.held_chars = 0  # text already given out beyond read_offset's (decoded before a character ended)
         # what stream() has handed out already
         self.num_streamed_tokens = 0
         self.num_streamed_chars = 0
