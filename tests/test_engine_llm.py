@@ -351,6 +351,22 @@ def test_engine_arguments_are_checked(checkpoints):
     assert llm.max_model_len == MAX_LEN
 
 
+def test_a_sliding_window_bounds_the_sequence(tmp_path, tokenizer):
+    """llmfast's attention has no sliding-window mask: a Mistral with a window shorter than its maximum
+    length equals HF up to the window, ends there with "length", and refuses a longer prompt naming it."""
+    config = transformers.AutoConfig.for_model(**dict(FAMILIES["mistral"], sliding_window=8),
+                                               vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf.save_pretrained(tmp_path)
+    llm = LLM(tmp_path, num_kv_blocks=16)
+    prompt = random_prompts([5], llm.vocab_size, seed=11)[0]
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == hf_greedy(hf, prompt, 3)[0] and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="sliding window 8"):
+        llm.generate([prompt * 2], GREEDY, use_tqdm=False)
+
+
 @pytest.mark.parametrize("quantization,tolerance", [("int8", 0.02), ("int4", 0.3)])
 def test_quantized_engine_stays_close_to_float(checkpoints, quantization, tolerance):
     from llmfast.nn.quant_linear import QuantLinear

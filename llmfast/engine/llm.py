@@ -20,7 +20,9 @@ class LLM(LLMEngine):
     max_num_batched_tokens=8192, gpu_memory_utilization=0.9, num_kv_blocks=None, enforce_eager=False,
     seed=0)``: ``quantization`` "int8" or "int4" quantizes the linear layers (weight-only); the KV cache
     has ``num_kv_blocks`` blocks of ``block_size`` tokens (default: sized from free GPU memory, at most
-    4 GiB on CPU). A sequence can never be longer than the model's maximum length, nor than the cache.
+    4 GiB on CPU). A sequence can never be longer than the model's maximum length, nor than the cache, nor
+    than a sliding window in its config (llmfast's attention has none: a prompt past it is refused and
+    generation ends there with finish_reason "length").
     """
 
     def generate(self, prompts: PromptType | Seq[PromptType], sampling_params: SamplingParams | Seq[SamplingParams]
@@ -161,7 +163,7 @@ class LLM(LLMEngine):
                                  f"got {bad[:5]}")
             if len(ids) > self.max_model_len:
                 raise ValueError(f"prompts[{i}]: {len(ids)} tokens, more than the {self.max_model_len} this engine "
-                                 f"allows (the model's maximum length {self.runner.max_model_len}, the KV cache's "
+                                 f"allows ({self.runner.max_model_len_source}, the KV cache's "
                                  f"{self.kv_capacity} slots)")
             if params.stop and self.tokenizer is None:
                 raise ValueError(f"sampling_params[{i}].stop: stop strings need a tokenizer, and the checkpoint "

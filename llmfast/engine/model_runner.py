@@ -38,7 +38,11 @@ class ModelRunner:
         cfg = self.model.config
         self.vocab_size = cfg.vocab_size
         # llmfast's attention has no sliding-window mask, so a model with a window is limited to it
-        self.max_model_len = min(cfg.max_position_embeddings, getattr(cfg, "sliding_window", None) or 1 << 62)
+        window = getattr(cfg, "sliding_window", None)
+        self.max_model_len = min(cfg.max_position_embeddings, window or 1 << 62)
+        self.max_model_len_source = (
+            f"the model's sliding window {window} (llmfast's attention has no sliding-window mask)"
+            if window and window < cfg.max_position_embeddings else f"the model's maximum length {self.max_model_len}")
         self.num_kv_blocks = num_kv_blocks or self._default_num_blocks(
             gpu_memory_utilization, max_num_seqs, max_num_batched_tokens)
         # one tensor (2, layers, blocks, block_size, kv_heads, head_dim); each layer gets views of it. On CPU
