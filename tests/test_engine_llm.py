@@ -214,6 +214,27 @@ def test_the_earliest_stop_string_cuts_the_text(repeating, tokenizer):
     assert out.token_ids == [token] and out.stop_reason == first and out.text == text[:text.index(first)]
 
 
+def test_no_sampling_params_takes_the_generation_config_defaults(checkpoints, tmp_path, tokenizer):
+    """sampling_params=None: SamplingParams with generation_config.json's sampling fields, as vLLM; here a
+    greedy one with a repetition penalty, which HF's generate applies too (it was ignored)."""
+    folder, hf = checkpoints("llama")
+    shutil.copytree(folder, tmp_path / "model")
+    config = {"eos_token_id": tokenizer.eos_token_id, "temperature": 0.0, "repetition_penalty": 1.5,
+              "max_new_tokens": 7, "do_sample": False}
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps(config))
+    llm = LLM(tmp_path / "model", num_kv_blocks=64)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.repetition_penalty, defaults.max_tokens) == (0.0, 1.5, 7)
+    prompt = random_prompts([6], llm.vocab_size, seed=13)[0]
+    expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=7, repetition_penalty=1.5,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=0)[0, len(prompt):].tolist()
+    assert llm.generate([prompt], use_tqdm=False)[0].outputs[0].token_ids == expected
+    assert expected != hf_greedy(hf, prompt, 7)[0]  # the penalty changed the tokens
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps({"top_p": 5.0}))
+    with pytest.raises(ValueError, match="generation_config.json: top_p"):
+        LLM(tmp_path / "model", num_kv_blocks=64)
+
+
 def test_min_tokens_defers_stops(llama):
     llm, _ = llama
     prompt = random_prompts([6], llm.vocab_size, seed=4)[0]

@@ -305,3 +305,16 @@ def test_clients_that_disconnect_are_aborted_and_free_their_blocks(server):
                    json={**{k: v for k, v in long.items() if k != "prompt"},
                          "messages": [{"role": "user", "content": PROMPTS[1]}]})
     wait_idle(server, aborted=aborted + 2)
+
+
+def test_absent_fields_take_the_models_generation_config_defaults():
+    """As vLLM's server: a field the body leaves out takes the value the checkpoint's generation_config.json
+    gives it (LLM.sampling_defaults), a field it sets wins, and max_tokens stays the body's (or its default)."""
+    from llmfast.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    defaults = {"temperature": 0.0, "top_k": 5, "repetition_penalty": 1.3, "max_tokens": 7}
+    params = CompletionRequest(prompt="a", top_k=3).sampling_params(16, None, defaults)
+    assert (params.temperature, params.top_k, params.repetition_penalty, params.max_tokens) == (0.0, 3, 1.3, 16)
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.5)
+    params = chat.sampling_params(chat.max_new_tokens(), None, defaults)
+    assert (params.temperature, params.top_k, params.max_tokens) == (0.5, 5, None)

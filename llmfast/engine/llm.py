@@ -25,6 +25,12 @@ class LLM(LLMEngine):
     generation ends there with finish_reason "length").
     """
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``sampling_params=None`` means: ``SamplingParams()`` with the fields the checkpoint's
+        generation_config.json sets (temperature, top_k, top_p, min_p, repetition_penalty, and max_new_tokens
+        as max_tokens), as vLLM's ``generation_config="auto"``."""
+        return SamplingParams(**self.sampling_defaults)
+
     def generate(self, prompts: PromptType | Seq[PromptType], sampling_params: SamplingParams | Seq[SamplingParams]
                  | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Completes every prompt (a string, a list of strings, or a list of token-id lists) and returns
@@ -146,7 +152,7 @@ class LLM(LLMEngine):
         """Validates parsed prompts and their sampling params before anything runs (ValueError naming the
         prompt); returns (text or None, token ids, params) per prompt. The server admits requests through it."""
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if not isinstance(sampling_params, (list, tuple)) or len(sampling_params) != len(prompts):

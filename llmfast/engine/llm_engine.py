@@ -39,6 +39,24 @@ def _eos_token_ids(path: Path, tokenizer) -> set[int]:
     return ids
 
 
+# generation_config.json field -> SamplingParams field: what vLLM takes from it (generation_config="auto")
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def _sampling_defaults(path: Path) -> dict:
+    """The ``SamplingParams`` fields the checkpoint's generation_config.json sets (as vLLM, ``do_sample`` is
+    not read: a config with a temperature samples). Raises ValueError naming the file for a bad value."""
+    file = path / "generation_config.json"
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    defaults = {ours: config[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if config.get(theirs) is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as exc:
+        raise ValueError(f"model: {file}: {exc}") from None
+    return defaults
+
+
 class LLMEngine:
     def __init__(self, model: str | Path, dtype="auto", device="auto", quantization: str | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
@@ -60,6 +78,7 @@ class LLMEngine:
         if not isinstance(model, (str, Path)) or not Path(model).is_dir():
             # an OSError, as transformers' and vLLM's loaders raise for a missing checkpoint
             raise FileNotFoundError(f"model: expected a local checkpoint folder, got {model!r} (nothing is downloaded)")
+        self.sampling_defaults = _sampling_defaults(Path(model))  # SamplingParams fields from generation_config.json
         self.device = resolve_device(device)
         for op in ENGINE_OPS + (("quant_matmul",) if quantization else ()):  # LLMFAST_BACKEND fails here, not mid-request
             resolve_backend(op, "auto", self.device)

@@ -121,7 +121,7 @@ def build_app(llm: LLM, model_name: str) -> FastAPI:
         check_model(body.model)
         try:
             prompts = body.prompts()
-            params = body.sampling_params(body.max_tokens, body.logprobs)
+            params = body.sampling_params(body.max_tokens, body.logprobs, llm.sampling_defaults)
         except ValueError as exc:
             raise APIError.bad_value(exc, body) from None
         request = await submit(body, prompts, params, add_special_tokens=True)
@@ -145,7 +145,7 @@ def build_app(llm: LLM, model_name: str) -> FastAPI:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise APIError("this model's tokenizer has no chat template; use /v1/completions", param="messages")
         try:
-            params = body.sampling_params(body.max_new_tokens(), body.num_logprobs())
+            params = body.sampling_params(body.max_new_tokens(), body.num_logprobs(), llm.sampling_defaults)
             messages = [m.for_template() for m in body.messages]
             # the template writes the special tokens (bos, role markers): they are not added again
             text = tokenizer.apply_chat_template(messages, tokenize=False,

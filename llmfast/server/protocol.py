@@ -61,9 +61,10 @@ class SamplingFields(_Strict):
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """``SamplingParams`` from the fields that were given (the others keep its defaults); raises
-        ValueError naming the field for out-of-range values and for what llmfast does not support."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> SamplingParams:
+        """``SamplingParams`` from the fields that were given; the others take the model's ``defaults`` (from
+        its generation_config.json, as vLLM's server) or else SamplingParams'. Raises ValueError naming the
+        field for out-of-range values and for what llmfast does not support."""
         if self.logit_bias:
             raise ValueError("logit_bias: not supported by llmfast")
         if self.stream_options is not None and not self.stream:
@@ -71,7 +72,8 @@ class SamplingFields(_Strict):
         names = ("n", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed", "top_k",
                  "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids")
         given = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs)
+        sampling_defaults = {name: value for name, value in defaults.items() if name in names}
+        return SamplingParams(**{**sampling_defaults, **given}, max_tokens=max_tokens, logprobs=logprobs)
 
     def field_named(self, name: str) -> str:
         """The body field (with its index, if any) that llmfast's ``name`` in an error message is about."""
