@@ -358,6 +358,18 @@ def test_bad_inputs_raise_before_anything_runs(llama, prompts, params, match):
     assert not llm.scheduler.has_unfinished()
 
 
+@pytest.mark.parametrize("field,value", [("n", 0), ("seed", "x"), ("temperature", -1.0), ("logprobs", 500),
+                                         ("stop_token_ids", [-3])])
+def test_sampling_params_changed_after_construction_are_checked_again(llama, field, value):
+    """A field set after construction (it was used unchecked: n=0 an IndexError, logprobs=500 accepted)."""
+    llm, _ = llama
+    params = SamplingParams(max_tokens=3)
+    setattr(params, field, value)
+    with pytest.raises(ValueError, match=rf"sampling_params\[0\]\.{field}: expected"):
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    assert not llm.scheduler.has_unfinished()
+
+
 def test_engine_arguments_are_checked(checkpoints):
     folder, _ = checkpoints("llama")
     for kwargs in (dict(block_size=0), dict(max_num_seqs=0), dict(num_kv_blocks=0), dict(quantization="int3"),

@@ -161,6 +161,10 @@ class LLM(LLMEngine):
         for i, ((_, ids), params) in enumerate(zip(prompts, sampling_params)):
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"sampling_params[{i}]: expected a SamplingParams, got {type(params).__name__}")
+            try:
+                params.verify()
+            except ValueError as exc:
+                raise ValueError(f"sampling_params[{i}].{exc}") from None
             if not ids:
                 raise ValueError(f"prompts[{i}]: the prompt is empty")
             bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]

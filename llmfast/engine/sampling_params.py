@@ -59,6 +59,11 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        self.verify()
+
+    def verify(self) -> None:
+        """Checks every field (ValueError naming it) and makes ``stop``/``stop_token_ids`` lists. Run at
+        construction, and again by the engine on each request: a field can be changed after construction."""
         _check_int("n", self.n, 1, high=MAX_N)
         _check_float("temperature", self.temperature, 0.0, math.inf)
         if not _is_int(self.top_k) or self.top_k < -1:
