@@ -34,6 +34,24 @@ def assert_close_2x(out, peer, ref, *, slack_ulps=1.0):
     assert err <= 2 * err_peer + slack, f"max error {err:.3g} > 2 x peer error {err_peer:.3g} + {slack:.3g}"
 
 
+def assert_close_2x_per_element(out, peer, ref):
+    """The 2x rule element by element, for a low-precision ``out`` whose every element is one rounding of a
+    float32 value (a norm's output): each error at most twice the peer's there, plus one unit of ``out``'s
+    dtype at that element's reference value (and 1e-3 of the largest). Unlike the max-error rule, a wrong
+    small element is not hidden by the rounding error of the largest one."""
+    assert out.dtype in (torch.float16, torch.bfloat16), "float32 results differ by more than one rounding"
+    out64, peer64, ref64 = out.double(), peer.double(), ref.double()
+    err, err_peer = (out64 - ref64).abs(), (peer64 - ref64).abs()
+    scale = ref64.abs().max().item() if out.numel() else 0.0
+    slack = torch.finfo(out.dtype).eps * (ref64.abs() + 1e-3 * scale)
+    bad = err > 2 * err_peer + slack
+    if bad.any():
+        i = int(torch.argmax((err - 2 * err_peer - slack).flatten()))
+        raise AssertionError(f"{int(bad.sum())} of {out.numel()} elements over 2x the peer's error; the worst: "
+                             f"{out64.flatten()[i].item():.6g} vs {ref64.flatten()[i].item():.6g} "
+                             f"(peer {peer64.flatten()[i].item():.6g})")
+
+
 def mean_pooled_embeddings(hidden, attention_mask):
     """Sentence embeddings as sentence-transformers makes them: the mask-weighted mean over tokens of
     ``hidden (batch, seqlen, hidden)``, L2-normalized."""

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import llmfast
 from llmfast import BackendUnavailable
 from llmfast.ops import add_layer_norm, add_rms_norm
-from helpers import assert_close_2x, poison_allocations, require_backend
+from helpers import assert_close_2x, assert_close_2x_per_element, poison_allocations, require_backend
 
 BACKENDS = ["reference", "triton", "cpu", "cuda"]
 HIDDEN = [1, 7, 1000, 4097, 8192, 65536]
@@ -56,6 +56,8 @@ def _check_forward(kind, backend, shape, dtype, affine, device):
     y_ref, _ = _torch_norm(kind, _f64(h_in), None, _f64(w), _f64(b))
     y_peer, _ = _torch_norm(kind, h_in, None, w, b)
     assert_close_2x(y, y_peer, y_ref)
+    if dtype != torch.float32:
+        assert_close_2x_per_element(y, y_peer, y_ref)
 
 
 @pytest.mark.parametrize("affine", AFFINE)
@@ -65,7 +67,7 @@ def _check_forward(kind, backend, shape, dtype, affine, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward(backend, kind, hidden, dtype, affine):
     require_backend(backend, "add_rms_norm", torch.device("cpu"))
-    leading = LEADING[(hidden + len(affine)) % len(LEADING)] if hidden < 65536 else (2,)
+    leading = LEADING[(hidden + sum(affine)) % len(LEADING)] if hidden < 65536 else (2,)
     _check_forward(kind, backend, (*leading, hidden), dtype, affine, "cpu")
 
 
@@ -150,6 +152,8 @@ def test_a_residual_of_another_dtype_is_rounded_to_x_dtype(backend, kind):
     y_same, h_same = _call(kind, x, r32.detach().to(torch.bfloat16), w, b, backend)
     assert (y.dtype, h.dtype) == (torch.bfloat16, torch.bfloat16)
     assert torch.equal(h, h_same) and torch.equal(y, y_same)
+    y_ref, _ = _torch_norm(kind, _f64(h), None, _f64(w), _f64(b))
+    assert_close_2x(y, _torch_norm(kind, h, None, w, b)[0], y_ref)  # the norm of that h, not just consistent
     (y.float().sum() + h.float().sum()).backward()
     assert r32.grad.dtype == torch.float32 and torch.isfinite(r32.grad).all() and r32.grad.abs().sum() > 0
 
