@@ -311,12 +311,19 @@ def test_paged_attention_bad_inputs(make_args, error, match):
         paged_attention(**args, backend="reference")
 
 
-def test_paged_attention_ignores_unused_block_table_entries():
-    """Entries past a context's blocks are padding (here -1) and are neither validated nor read."""
-    out = paged_attention(**_paged_args(), backend="reference")
-    assert out.shape == (2, 4, 32) and not out.isnan().any()
-    out = paged_attention(**_chunked_args(max_seqlen_q=4), backend="reference")
-    assert out.shape == (7, 4, 32) and not out.isnan().any()
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make_args", [_paged_args, lambda: _chunked_args(max_seqlen_q=4)], ids=["decode", "chunked"])
+def test_paged_attention_ignores_unused_block_table_entries(backend, make_args):
+    """Entries past a context's blocks are padding (here -1) and are neither validated nor read: the output
+    equals the one with the padding replaced by a real block id."""
+    require_backend(backend, "paged_attention")
+    args = {name: t.to(DEVICE) if torch.is_tensor(t) else t for name, t in make_args().items()}
+    with poison_allocations():
+        out = paged_attention(**args, backend=backend)
+    tables = args["block_tables"]
+    filled = dict(args, block_tables=torch.where(tables < 0, 4, tables).to(tables.dtype))  # -1 -> unused block 4
+    expected = paged_attention(**filled, backend="reference")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
