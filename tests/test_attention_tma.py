@@ -5,10 +5,10 @@ it can run: here it is forced (use_tma=True) on the interpreter in CI and on the
 """
 import pytest
 import torch
+from llmfast_kernels.attention import attention_fwd
 
 from helpers import DEVICE, assert_close_2x, attention_ref, poison_allocations
 
-attention_fwd = pytest.importorskip("llmfast_kernels.attention").attention_fwd
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -22,8 +22,9 @@ def test_quick_run_writes_results_elsewhere_with_hf_tokens(tmp_path, capsys):
     assert "llmfast LLM.generate" in capsys.readouterr().out  # the printed table
 
 
-def test_bad_arguments_exit_with_a_message():
-    with pytest.raises(SystemExit):
-        bench_throughput.main(["--parts", "x"])
-    with pytest.raises(SystemExit):
-        bench_throughput.main(["--repeats", "0"])
+def test_bad_arguments_exit_with_a_message(capsys):
+    for args, message in ((["--parts", "x"], "--parts: expected a comma-separated subset of a,b,c"),
+                          (["--repeats", "0"], "--repeats: expected a positive int")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_throughput.main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -245,7 +245,7 @@ def test_min_tokens_defers_stops(llama):
     assert out.finish_reason == "length" or (out.token_ids[-1] == first and out.finish_reason == "stop")
 
 
-def test_logprobs_equal_hf_log_softmax(llama):
+def test_logprobs_equal_hf_log_softmax(llama, tokenizer):
     llm, hf = llama
     prompts = random_prompts([5, 30], llm.vocab_size, seed=5)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=4),
@@ -258,11 +258,11 @@ def test_logprobs_equal_hf_log_softmax(llama):
             assert set(entries) == set(ref[step].topk(4).indices.tolist())
             for token, entry in entries.items():
                 assert entry.logprob == pytest.approx(ref[step, token].item(), abs=1e-4)
-                assert entry.decoded_token is not None
+                assert entry.decoded_token == tokenizer.decode([token], skip_special_tokens=True)
         assert completion.cumulative_logprob == pytest.approx(ref[range(8), tokens].sum().item(), abs=1e-3)
 
 
-def test_beam_search(llama):
+def test_beam_search(llama, tokenizer):
     llm, hf = llama
     prompts = random_prompts([3, 12], llm.vocab_size, seed=6)
     greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
@@ -282,7 +282,7 @@ def test_beam_search(llama):
             n = len(prompt)
             expected = sum(ref[i - 1, beam.tokens[i]].item() for i in range(n, len(beam.tokens)))
             assert beam.cum_logprob == pytest.approx(expected, abs=1e-3)
-            assert beam.tokens[:n] == prompt and beam.text is not None
+            assert beam.tokens[:n] == prompt and beam.text == tokenizer.decode(beam.tokens)
 
 
 @pytest.mark.parametrize("params", [

@@ -30,10 +30,14 @@ def test_sampling_params_normalise_and_accept_vllm_values():
     p = SamplingParams(stop="###", top_k=-1, temperature=0, max_tokens=None)
     assert p.stop == ["###"] and p.stop_token_ids == [] and p.greedy
     assert not SamplingParams().greedy
-    for kwargs in (dict(beam_width=0, max_tokens=2), dict(beam_width=2, max_tokens=0),
-                   dict(beam_width=2, max_tokens=2, length_penalty=float("inf"))):
-        with pytest.raises(ValueError):
+    for kwargs, match in ((dict(beam_width=0, max_tokens=2), r"beam_width: expected an int in \[1, 10\]"),
+                          (dict(beam_width=2, max_tokens=0), "max_tokens: expected an int >= 1"),
+                          (dict(beam_width=2, max_tokens=2, length_penalty=float("inf")),
+                           "length_penalty: expected a finite number, got inf")):
+        with pytest.raises(ValueError, match=match):
             BeamSearchParams(**kwargs)
+    with pytest.raises(ValueError, match=r"temperature: expected a finite number >= 0.0, got inf"):
+        SamplingParams(temperature=float("inf"))
 
 
 def make_seq(tokens, max_tokens=4, **kwargs):

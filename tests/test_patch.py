@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from llmfast.nn import FusedAddLayerNorm, LayerNorm, RMSNorm
+from llmfast.nn import FusedAddLayerNorm, LayerNorm, RMSNorm, quant_linear
 from llmfast.patch import SUPPORTED, patch
 from helpers import assert_close_2x, mean_pooled_embeddings, tiny_decoder_configs
 
@@ -258,7 +258,6 @@ def test_unsupported_model_and_bad_arguments_are_refused():
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("bits,tolerance", [(8, 0.03), (4, 0.4)])
 def test_quantized_outputs_stay_close(family, bits, tolerance):
-    quant_linear = pytest.importorskip("llmfast.nn.quant_linear")
     ref = tiny_model(family)
     patched = patch(copy.deepcopy(ref), quantize=bits)
     quantized = [m for m in patched.modules() if isinstance(m, quant_linear.QuantLinear)]
@@ -278,7 +277,6 @@ def test_quantized_outputs_stay_close(family, bits, tolerance):
 def test_quantized_model_trains_like_its_dequantized_copy(family, bits):
     """Gradients flow through the quantized layers: every parameter but the quantized weights (biases too)
     gets the gradient of an unpatched copy whose linear weights are the dequantized ones."""
-    quant_linear = pytest.importorskip("llmfast.nn.quant_linear")
     patched = patch(tiny_model(family), quantize=bits, attention=False, norm=False)
     assert any(isinstance(m, quant_linear.QuantLinear) for m in patched.modules())
     ref = tiny_model(family)

@@ -31,6 +31,9 @@ def _check_float(name: str, value: object, low: float, high: float, *, low_open:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
+        if math.isinf(high):  # "in [0.0, inf]" would read as if inf were allowed
+            bound = "" if math.isinf(low) else f" {'>' if low_open else '>='} {low}"
+            raise ValueError(f"{name}: expected a finite number{bound}, got {value!r}")
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
 
