@@ -111,9 +111,9 @@ def test_paged_attention_large_blocks_and_strided_cache(backend, dtype, chunked,
     q_seqs = [_randn(n, 8, head_dim, dtype=dtype) for n in query_lens]
     cu_seqlens_q = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0).to(torch.int32) if chunked else None
     context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
-    out = paged_attention(
-        torch.cat(q_seqs), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q, backend=backend
-    )
+    with poison_allocations():
+        out = paged_attention(torch.cat(q_seqs), k_cache, v_cache, block_tables, context_lens,
+                              cu_seqlens_q=cu_seqlens_q, backend=backend)
     ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
     peer = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False)
     assert_close_2x(out, peer, ref, slack_ulps=SLACK_ULPS[dtype])
@@ -153,7 +153,8 @@ def test_paged_attention_softmax_scale_and_empty_context(backend):
     k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, 8, 2, 64, torch.float32)
     q = _randn(3, 4, 64)
     context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
-    out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=0.5, backend=backend)
+    with poison_allocations():
+        out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=0.5, backend=backend)
     # a decode query with no cached token sees no key and outputs 0, as a causal row with no key
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     for i in (1, 2):
@@ -205,7 +206,8 @@ def test_write_then_attend(backend):
     write_kv_cache(new_k, new_v, k_cache, v_cache, torch.tensor(slots, device=DEVICE), backend=backend)
     q = _randn(2, 4, 64)
     context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
-    out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, backend=backend)
+    with poison_allocations():
+        out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, backend=backend)
     k_seqs = [torch.cat([k_seqs[i], new_k[i : i + 1]]) for i in range(2)]
     v_seqs = [torch.cat([v_seqs[i], new_v[i : i + 1]]) for i in range(2)]
     q_seqs = [q[i : i + 1] for i in range(2)]
