@@ -38,6 +38,26 @@ def test_greedy_is_argmax_and_mixes_with_sampled_rows():
               SamplingParams(temperature=0.7, top_k=5)]
     out = sample(logits, [seq(p) for p in params])
     assert out.token_ids[0] == logits[0].argmax() and out.token_ids[2] == logits[2].argmax()
+    assert out.token_ids[3] in logits[3].topk(5).indices.tolist()
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(temperature=1.0), [0.5, 0.3, 0.15, 0.05]),
+    (dict(temperature=0.5), [0.25, 0.09, 0.0225, 0.0025]),  # p ** 2, renormalised below
+    (dict(temperature=1.0, top_k=2), [0.5, 0.3, 0, 0]),
+    (dict(temperature=1.0, top_p=0.85), [0.5, 0.3, 0.15, 0]),
+])
+def test_sampled_frequencies_follow_the_distribution(kwargs, expected):
+    """Not only the support: each token's frequency over 20000 draws is its probability after temperature
+    and filtering (within 5 standard deviations)."""
+    count = 20000
+    logits = torch.full((VOCAB,), -math.inf)
+    logits[[10, 11, 12, 13]] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    tokens = torch.tensor(draws(logits, SamplingParams(**kwargs), count=count))
+    frequencies = torch.bincount(tokens - 10, minlength=4).double() / count
+    probs = torch.tensor(expected, dtype=torch.float64) / sum(expected)
+    sigma = (probs * (1 - probs) / count).sqrt()
+    assert ((frequencies - probs).abs() <= 5 * sigma + 1e-9).all(), (frequencies.tolist(), probs.tolist())
 
 
 def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
