@@ -85,6 +85,18 @@ def test_a_forced_backend_that_cannot_run_is_reported_before_serving(checkpoint,
     assert f"llmfast {command}: error: backend 'cuda' cannot run" in capsys.readouterr().err
 
 
+def test_serve_names_the_model_by_its_model_argument(checkpoint, monkeypatch):
+    """The model id clients send is the --model string unless --served-model-name is given (API.md)."""
+    pytest.importorskip("fastapi")
+    import llmfast.server as server
+
+    names = []
+    monkeypatch.setattr(server, "serve", lambda llm, model_name, **kwargs: names.append(model_name))
+    assert cli.main(["serve", "--model", str(checkpoint)]) == 0
+    assert cli.main(["serve", "--model", str(checkpoint), "--served-model-name", "tiny"]) == 0
+    assert names == [str(checkpoint), "tiny"]
+
+
 def test_a_forced_cpu_backend_keeps_auto_for_ops_without_one(checkpoint, capsys, monkeypatch):
     """attention has no C++ CPU kernel: LLMFAST_BACKEND=cpu forces the ops that have one."""
     greedy = ["generate", "--model", str(checkpoint), "--prompt", "a", "--temperature", "0", "--max-tokens", "4"]

@@ -400,6 +400,22 @@ def test_a_sliding_window_bounds_the_sequence(tmp_path, tokenizer):
         llm.generate([prompt * 2], GREEDY, use_tqdm=False)
 
 
+def test_engine_seed_request_ids_and_dtype(checkpoints):
+    """LLM(seed=) fixes unseeded sampling (same seed, same tokens; another seed, others); request ids are
+    distinct strings across calls; dtype= sets the weights' and the KV cache's dtype."""
+    folder, _ = checkpoints("llama")
+    prompts = random_prompts([4, 6], 400, seed=14)
+    sampled = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    engines = [LLM(folder, num_kv_blocks=32, seed=seed) for seed in (1, 1, 2)]
+    runs = [[out.outputs[0].token_ids for out in llm.generate(prompts, sampled, use_tqdm=False)] for llm in engines]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    ids = [out.request_id for _ in range(2) for out in engines[0].generate(prompts, sampled, use_tqdm=False)]
+    assert all(isinstance(i, str) for i in ids) and len(set(ids)) == 4
+    bf16 = LLM(folder, num_kv_blocks=32, dtype="bfloat16")
+    assert bf16.runner.model.lm_head.weight.dtype == bf16.runner.kv_cache.dtype == torch.bfloat16
+    assert len(bf16.generate(prompts, sampled, use_tqdm=False)[1].outputs[0].token_ids) == 8
+
+
 @pytest.mark.parametrize("quantization,tolerance", [("int8", 0.02), ("int4", 0.3)])
 def test_quantized_engine_stays_close_to_float(checkpoints, quantization, tolerance):
     from llmfast.nn.quant_linear import QuantLinear

@@ -42,6 +42,18 @@ def _check(ours, theirs, args, kwargs, ours_kwargs=None):
         torch.testing.assert_close(weights, expected_weights, rtol=1e-4, atol=1e-5)
 
 
+def test_batch_first_defaults_to_true():
+    """Unlike torch's module (API.md: batch_first=True); (batch, seq, embed) in and out."""
+    _, theirs = _pair(batch_first=True)
+    ours = llmfast.nn.MultiheadAttention(EMBED, HEADS).to(DEVICE)
+    assert ours.batch_first
+    ours.load_state_dict(theirs.state_dict())
+    x = _x(2, 5, EMBED)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_self_attention(backend, need_weights):

@@ -113,6 +113,17 @@ def test_modules_are_swapped_and_state_dict_kept(pair):
         torch.testing.assert_close(state[name], value, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_attention_false_and_norm_false_leave_those_modules(family):
+    ours = (RMSNorm, LayerNorm, FusedAddLayerNorm)
+    no_attention = patch(tiny_model(family), attention=False)
+    assert no_attention.config._attn_implementation == "sdpa"
+    assert any(isinstance(m, ours) for m in no_attention.modules())
+    no_norm = patch(tiny_model(family), norm=False)
+    assert no_norm.config._attn_implementation == "llmfast"
+    assert not any(isinstance(m, ours) or type(m).__module__ == "llmfast.patch" for m in no_norm.modules())
+
+
 @pytest.mark.parametrize("family", DECODERS)
 def test_generate_left_padded_matches_unpatched(family, no_sdpa_fallback):
     ref = tiny_model(family)

@@ -7,6 +7,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from llmfast.nn.quant_linear import QuantLinear
 from llmfast.ops.quant_matmul import quant_matmul
 from llmfast.quant.quantize import quantize
 from llmfast.quant.weight import QuantizedWeight, pack_int4, unpack_int4
@@ -71,6 +72,13 @@ def test_quantize_constant_groups(bits):
     deq = quantize(weight, bits, 32).dequantize()
     assert torch.equal(deq[1], weight[1]) and torch.equal(deq[2, :32], weight[2, :32])
     assert not deq.isnan().any()
+
+
+def test_documented_defaults():
+    """quantize's group_size and QuantLinear.from_linear's bits and group_size default to API.md's values."""
+    assert quantize(torch.randn(8, 256), 8).group_size == 128
+    layer = QuantLinear.from_linear(torch.nn.Linear(256, 8))
+    assert (layer.weight_q.bits, layer.weight_q.group_size) == (4, 128)
 
 
 def test_int4_bit_layout():
