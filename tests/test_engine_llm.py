@@ -235,6 +235,29 @@ def test_no_sampling_params_takes_the_generation_config_defaults(checkpoints, tm
         LLM(tmp_path / "model", num_kv_blocks=64)
 
 
+def test_beam_search_with_eos_length_penalty_and_ignore_eos(llama, tmp_path, checkpoints):
+    """With an eos the beams meet: finished beams rank by cum_logprob / len ** length_penalty (vLLM's
+    formula, a final eos not counted); ignore_eos=True grows every beam to max_tokens."""
+    from llmfast.engine.beam_search import beam_score
+
+    llm, _ = llama
+    prompt = random_prompts([7], llm.vocab_size, seed=15)[0]
+    greedy = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    folder = tmp_path / "eos"
+    shutil.copytree(checkpoints("llama")[0], folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": greedy[1]}))
+    eos_llm = LLM(folder, num_kv_blocks=128)
+    for penalty in (0.0, 1.0, 2.0):
+        beams = eos_llm.beam_search([prompt], BeamSearchParams(beam_width=4, max_tokens=6,
+                                                               length_penalty=penalty))[0].sequences
+        assert any(b.finish_reason == "stop" and b.tokens[-1] == greedy[1] for b in beams)
+        scores = [beam_score(b, eos_llm.eos_token_ids, penalty) for b in beams]
+        assert scores == sorted(scores, reverse=True)
+    beams = eos_llm.beam_search([prompt], BeamSearchParams(beam_width=4, max_tokens=6, ignore_eos=True))[0].sequences
+    assert all(len(b.tokens) == len(prompt) + 6 and b.finish_reason == "length" for b in beams)
+    assert any(greedy[1] in b.tokens[len(prompt):] for b in beams)
+
+
 def test_min_tokens_defers_stops(llama):
     llm, _ = llama
     prompt = random_prompts([6], llm.vocab_size, seed=4)[0]
