@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import llmfast
+from llmfast.backends import resolve
 from llmfast.ops.attention import attention
 from helpers import BACKENDS, DEVICE, assert_close_2x, attention_ref, poison_allocations, require_backend
 
@@ -237,6 +238,8 @@ def test_attention_auto_prefers_triton():
     """"auto" takes the Triton kernels wherever they can run (on CUDA tensors; never the interpreter)."""
     require_backend("triton", "attention")
     assert llmfast.available_backends("attention")[0] == "triton"
+    assert resolve("attention", "auto", torch.device("cuda")) == "triton"
+    assert resolve("attention", "auto", torch.device("cpu")) == "reference"  # not the interpreter
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
