@@ -17,8 +17,9 @@ class QuantLinear(torch.nn.Module):
     ``weight_q.qweight``, ``weight_q.scales``, ``weight_q.zeros`` (4 bits only) and ``bias``.
     ``forward`` takes ``x (..., in_features)``, usually in ``dtype`` (the dtype of the quantized weight's
     scales; another float dtype uses the scales and bias cast to it, as ``quant_matmul`` says), and returns
-    ``(..., out_features)`` in ``x.dtype`` (inside autocast, in the autocast dtype, as nn.Linear). The weight is frozen: backward gives ``x`` (and ``bias``, if it is
-    made trainable) their gradients, as a frozen nn.Linear would, and none to the quantized weight.
+    ``(..., out_features)`` in ``x.dtype`` (inside autocast, in the autocast dtype, as nn.Linear). The weight
+    is frozen: backward gives ``x`` (and ``bias``, if it is made trainable) their gradients, as a frozen
+    nn.Linear would, and none to the quantized weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
