@@ -82,7 +82,10 @@ class FusedAddLayerNorm(_NormBase):
 
 
 class LayerNorm(FusedAddLayerNorm):
-    """Drop-in for ``torch.nn.LayerNorm`` (parameters ``weight`` and ``bias``)."""
+    """Drop-in for ``torch.nn.LayerNorm`` (parameters ``weight`` and ``bias``).
+
+    One difference: inside CUDA autocast torch runs ``layer_norm`` in float32 and returns float32 for a
+    bf16/fp16 input; this module also computes in float32 but returns the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
