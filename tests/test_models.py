@@ -216,6 +216,26 @@ def test_bert_matches_hf(tmp_path, padding):
     torch.testing.assert_close(out[keep], ref[keep], atol=ATOL, rtol=0)
 
 
+def test_bert_as_a_decoder_is_refused(tmp_path):
+    """HF runs causal self-attention for is_decoder=True; llmfast's encoder would silently differ."""
+    tiny_checkpoint(tmp_path, auto_class="AutoModel", **BERT, is_decoder=True)
+    with pytest.raises(ValueError, match="is_decoder"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_bias_fields_a_family_ignores_are_ignored(tmp_path, family):
+    """mlp_bias (and, for Mistral, attention_bias) in these configs build no bias in transformers: the
+    checkpoint loads and matches (it was refused as lacking the bias tensors)."""
+    extra = dict(mlp_bias=True, attention_bias=family == "mistral")
+    hf = tiny_checkpoint(tmp_path, **DECODERS[family], **extra)
+    model = load_model(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        out = model.compute_logits(padded_forward(model, ids))
+        torch.testing.assert_close(out, hf(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
 def test_bert_loads_from_a_pretraining_head_checkpoint(tmp_path):
     hf = tiny_checkpoint(tmp_path, auto_class="AutoModelForMaskedLM", **BERT)  # "bert." prefix, "cls." head
     ids = torch.randint(0, VOCAB, (2, 7))

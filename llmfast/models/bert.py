@@ -50,6 +50,9 @@ class BertConfig:
         kind = hf.get("position_embedding_type", "absolute")
         if kind != "absolute":
             raise ValueError(f"position_embedding_type: only 'absolute' is supported, got {kind!r}")
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise ValueError("is_decoder: BERT as a decoder (causal, cross-attention) is not supported; "
+                             "llmfast's BertModel is the bidirectional encoder")
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],

@@ -62,9 +62,10 @@ class LlamaConfig:
             hidden_act=hf.get("hidden_act", "silu"),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            # which biases each family's transformers class builds (the others ignore these config fields)
+            qkv_bias={"qwen2": True, "mistral": False}.get(model_type, attention_bias),
             o_bias=attention_bias if model_type in ("llama", "qwen3") else False,
-            mlp_bias=hf.get("mlp_bias", False),
+            mlp_bias=hf.get("mlp_bias", False) if model_type == "llama" else False,
             qk_norm=model_type == "qwen3",
             sliding_window=_sliding_window(hf, model_type, num_layers),
             rope=RopeConfig.from_hf(hf, head_dim),
