@@ -41,6 +41,18 @@ def test_rms_norm_matches_torch_and_loads_its_state_dict(backend, eps):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_default_eps_in_half_precision_is_float32s(backend, dtype):
+    """torch.nn.RMSNorm(eps=None) computes fp16/bf16 in float32 with float32's epsilon: on small inputs the
+    input dtype's epsilon (bf16's is 65536x larger) changes the result completely."""
+    require_backend(backend, "add_rms_norm", torch.device("cpu"))
+    theirs = torch.nn.RMSNorm(16, eps=None, dtype=dtype)
+    ours = llmfast.nn.RMSNorm(16, eps=None, dtype=dtype, backend=backend)
+    x = (torch.randn(3, 16) * 1e-3).to(dtype)
+    torch.testing.assert_close(ours(x).float(), theirs(x).float(), rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_add_modules_return_norm_of_the_sum_and_the_sum(backend):
     require_backend(backend, "add_rms_norm", torch.device("cpu"))
     x, r = torch.randn(2, 3, 32), torch.randn(2, 3, 32)

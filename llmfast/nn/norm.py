@@ -94,7 +94,8 @@ class LayerNorm(FusedAddLayerNorm):
 class FusedAddRMSNorm(_NormBase):
     """``forward(x, residual=None) -> (y, h)`` with ``h = x + residual``, ``y = RMSNorm(h)``.
 
-    ``eps=None`` uses ``torch.finfo(x.dtype).eps``, as ``torch.nn.RMSNorm`` does.
+    ``eps=None`` uses the machine epsilon of the dtype the norm is computed in, as ``torch.nn.RMSNorm``
+    does: float32's for float16/bfloat16/float32 input (not the input dtype's: bf16's is 65536x larger).
     """
 
     def __init__(self, hidden_size, eps: float | None = 1e-6, elementwise_affine=True,
@@ -105,7 +106,7 @@ class FusedAddRMSNorm(_NormBase):
         if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
             return self._torch_float64(x, residual, lambda h: F.rms_norm(h, self.normalized_shape, self.weight, self.eps))
         x2, r2, shape = self._flat(x, residual)
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps  # float64 went to torch above
         y, h = add_rms_norm(x2, r2, self._param(self.weight), eps, backend=self.backend)
         return y.view(shape), h.view(shape)
 
