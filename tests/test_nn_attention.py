@@ -121,6 +121,41 @@ def test_causal_left_padding_falls_back_to_math(backend, need_weights):
         torch.testing.assert_close(weights, expected_weights, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_query_that_sees_no_key_has_torchs_finite_gradients(backend):
+    """need_weights=False: the blind row's output is 0 and its gradients finite, as torch's (a softmax over
+    an all -inf row gave NaN gradients even though the row was zeroed after it)."""
+    require_backend(backend, "attention")
+    ours, theirs = _pair(backend)
+    x = _x(2, 7, EMBED)
+    padding = torch.arange(7, device=DEVICE)[None, :] < torch.tensor([0, 2], device=DEVICE)[:, None]  # left
+    mask = torch.ones(7, 7, dtype=torch.bool, device=DEVICE).triu(1)
+    grads = []
+    for module in (ours, theirs):
+        xg = x.clone().requires_grad_()
+        module.zero_grad()
+        out = module(xg, xg, xg, need_weights=False, key_padding_mask=padding, attn_mask=mask)[0]
+        projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        (out * projection).sum().backward()
+        grads.append((xg.grad, module.in_proj_weight.grad))
+    for got, expected in zip(*grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_applies_to_the_returned_weights_as_torchs():
+    """need_weights=True in training: torch returns the weights after dropout (zeros, rows not summing to 1)."""
+    ours = llmfast.nn.MultiheadAttention(EMBED, HEADS, dropout=0.5).to(DEVICE).train()
+    x = _x(2, 8, EMBED)
+    out, weights = ours(x, x, x, need_weights=True, average_attn_weights=False)
+    dropped = (weights == 0).float().mean().item()
+    assert 0.3 < dropped < 0.7 and not torch.allclose(weights.sum(-1), torch.ones(()))
+    v = ours.in_proj_weight[2 * EMBED:] @ x.transpose(-1, -2) + ours.in_proj_bias[2 * EMBED:, None]  # (2, E, 8)
+    v = v.view(2, HEADS, EMBED // HEADS, 8).transpose(-1, -2)  # (batch, heads, keys, head_dim)
+    expected = ours.out_proj((weights @ v).transpose(1, 2).reshape(2, 8, EMBED))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)  # the output used those same weights
+
+
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_float64_runs_as_torch(need_weights):
     ours, theirs = _pair()

@@ -190,14 +190,15 @@ class MultiheadAttention(torch.nn.Module):
             scores = scores + (mask.view(batch, heads, *mask.shape[1:]) if mask.dim() == 3 else mask)
         if key_padding_mask is not None:
             scores = scores + _additive(key_padding_mask, scores.dtype)[:, None, None, :]
-        probs = torch.softmax(scores, dim=-1)
-        if not need_weights:  # torch runs SDPA then, whose safe softmax gives a query that sees no key 0, not NaN
-            probs = probs.masked_fill(scores.isneginf().all(dim=-1, keepdim=True), 0.0)
+        if need_weights:
+            probs = torch.softmax(scores, dim=-1)
+        else:  # torch runs SDPA then, whose safe softmax gives a query that sees no key 0, not NaN; masking
+            # those rows before the softmax as well keeps NaN out of the backward
+            blind = scores.isneginf().all(dim=-1, keepdim=True)
+            probs = torch.softmax(scores.masked_fill(blind, 0.0), dim=-1).masked_fill(blind, 0.0)
         if self.training and self.dropout > 0:
-            probs_used = F.dropout(probs, p=self.dropout)
-        else:
-            probs_used = probs
-        out = (probs_used @ v).transpose(1, 2).reshape(batch, len_q, -1)  # (batch, L, embed_dim)
+            probs = F.dropout(probs, p=self.dropout)  # the weights returned are these too, as torch's
+        out = (probs @ v).transpose(1, 2).reshape(batch, len_q, -1)  # (batch, L, embed_dim)
         if not need_weights:
             return out, None
         return out, probs.mean(dim=1) if average_attn_weights else probs
