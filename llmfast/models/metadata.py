@@ -86,7 +86,8 @@ def padded_forward(
 
     ``input_ids (batch, seqlen)``; ``attention_mask (batch, seqlen)`` 1 for tokens, 0 for padding (left
     or right; None: no padding); ``per_token`` tensors ``(batch, seqlen)`` such as BERT's ``token_type_ids``.
-    Each row's tokens are numbered 0, 1, ... from its first unpadded token, as ``generate`` numbers them.
+    Each row's tokens are numbered 0, 1, ... from its first unpadded token, as ``generate`` numbers them
+    (HF's BERT numbers the columns instead, whatever the mask: for it, left padding gives other results).
     Returns the hidden states ``(batch, seqlen, hidden)``, zero at padding; decoders turn them into logits
     with ``model.compute_logits``.
     """
