@@ -234,6 +234,32 @@ def test_attention_strided(backend, dtype, causal, layout):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_strided_cu_seqlens_and_a_generous_max_seqlen(backend):
+    """cu_seqlens given as strided views are read through their strides (the kernels read the storage:
+    other, valid offsets here; far-off ones crashed), forward and backward; a max_seqlen far above the
+    longest sequence (allowed, as flash-attn) gives the same result, on a grid sized by the longest."""
+    require_backend(backend, "attention")
+    lengths_q, lengths_k = [5, 1, 9], [7, 3, 9]
+    q, k, v = _randn(15, 4, 32), _randn(19, 2, 32), _randn(19, 2, 32)
+    dout = _randn(15, 4, 32)
+    cu_q, cu_k = _cu_seqlens(lengths_q), _cu_seqlens(lengths_k)
+
+    def run(cu_q, cu_k, max_q=None, max_k=None):
+        fn = lambda q, k, v: attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,  # noqa: E731
+                                       max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend)
+        return _forward_backward(fn, q, k, v, dout)
+
+    expected = run(cu_q, cu_k)
+    junk = torch.tensor([0, 2, 3, 4], dtype=torch.int32, device=DEVICE)
+    strided = [torch.stack([cu, junk], dim=-1)[:, 0] for cu in (cu_q, cu_k)]
+    assert strided[0].stride() == (2,)
+    for got, want in zip(run(*strided), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(run(cu_q, cu_k, 10**8, 10**8), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_auto_prefers_triton():
     """"auto" takes the Triton kernels wherever they can run (on CUDA tensors; never the interpreter)."""
     require_backend("triton", "attention")

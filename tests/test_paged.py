@@ -223,6 +223,34 @@ def _write_args(**changes):
     return {**args, **changes}
 
 
+def _strided(index: torch.Tensor, junk: torch.Tensor) -> torch.Tensor:
+    """``index`` as a view with stride 2 whose skipped elements hold ``junk`` (other valid values), so a
+    kernel that reads the storage with unit stride gets a wrong, not an out-of-range, index."""
+    return torch.stack([index, junk.to(index.dtype)], dim=-1)[..., 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_index_tensors_are_read_through_their_strides(backend):
+    """A strided slot_mapping, block_tables, context_lens or cu_seqlens_q gives what its contiguous copy
+    gives (the kernels read their storage with unit stride: wrong slots, or a crash for far-off values)."""
+    require_backend(backend, "paged_attention")
+    args = {name: t.to(DEVICE) for name, t in _write_args().items()}
+    contiguous = [t.clone() for t in (args["k_cache"], args["v_cache"])]
+    write_kv_cache(args["k"], args["v"], *contiguous, args["slot_mapping"], backend=backend)
+    strided_slots = _strided(args["slot_mapping"], torch.tensor([1, 2, 4, 5, 6], device=DEVICE))
+    write_kv_cache(args["k"], args["v"], args["k_cache"], args["v_cache"], strided_slots, backend=backend)
+    assert torch.equal(args["k_cache"], contiguous[0]) and torch.equal(args["v_cache"], contiguous[1])
+
+    for make_args, junk_lens in ((_paged_args, [3, 2]), (lambda: _chunked_args(max_seqlen_q=4), [12, 4])):
+        paged = {name: t.to(DEVICE) if torch.is_tensor(t) else t for name, t in make_args().items()}
+        expected = paged_attention(**paged, backend="reference")
+        strided = dict(paged, context_lens=_strided(paged["context_lens"], torch.tensor(junk_lens, device=DEVICE)),
+                       block_tables=paged["block_tables"].t().contiguous().t())  # column-major
+        if "cu_seqlens_q" in paged:
+            strided["cu_seqlens_q"] = _strided(paged["cu_seqlens_q"], torch.tensor([0, 1, 2], device=DEVICE))
+        torch.testing.assert_close(paged_attention(**strided, backend=backend), expected, atol=1e-5, rtol=1e-5)
+
+
 BAD_WRITES = [
     (lambda: _write_args(k=_randn(5, 64)), ValueError, "k: expected 3 dims"),
     (lambda: _write_args(k=_randn(5, 2, 32).long()), TypeError, "k: expected dtype"),

@@ -125,10 +125,19 @@ def check_cu_seqlens(name: str, cu_seqlens: object, num_tokens: int, device: tor
 
 
 def check_max_seqlen(name: str, value: object, actual: int) -> int:
-    """``value`` (None: use ``actual``) is an int no smaller than the longest sequence."""
+    """``value`` (None: use ``actual``) is an int no smaller than the longest sequence. Returns ``actual``:
+    the kernels size their grids by it, and a far larger ``value`` (allowed, as flash-attn) would launch
+    programs by the million with nothing to do."""
     if value is None:
         return actual
     check_int(name, value)
     if value < actual:
         raise ValueError(f"{name}: expected at least the longest sequence length {actual}, got {value}")
-    return value
+    return actual
+
+
+def contiguous_index(index: torch.Tensor | None) -> torch.Tensor | None:
+    """An index tensor (cu_seqlens, slots, block tables, lengths) with unit stride: the kernels read it from
+    its storage, not through its strides (a strided view passed the checks, which read through the view,
+    then sent the kernels to other offsets)."""
+    return None if index is None else index.contiguous()

@@ -16,6 +16,7 @@ from llmfast.ops._checks import (
     check_shape,
     check_tensor,
     check_traced_max_seqlen,
+    contiguous_index,
 )
 
 MAX_HEAD_DIM = 256
@@ -59,8 +60,8 @@ def attention(
         v,
         causal=causal,
         softmax_scale=softmax_scale,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
+        cu_seqlens_q=contiguous_index(cu_seqlens_q),
+        cu_seqlens_k=contiguous_index(cu_seqlens_k),
         max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k,
     )

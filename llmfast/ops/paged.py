@@ -17,6 +17,7 @@ from llmfast.ops._checks import (
     check_shape,
     check_tensor,
     check_traced_max_seqlen,
+    contiguous_index,
     values_readable,
 )
 from llmfast.ops.attention import MAX_HEAD_DIM, dense_attention_reference
@@ -46,7 +47,7 @@ def write_kv_cache(
     """
     _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping)
     impl = select("write_kv_cache", backend, k.device)
-    impl(k, v, k_cache, v_cache, slot_mapping)
+    impl(k, v, k_cache, v_cache, contiguous_index(slot_mapping))
 
 
 def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -173,9 +174,9 @@ def paged_attention(
         q,
         k_cache,
         v_cache,
-        block_tables,
-        context_lens,
-        cu_seqlens_q=cu_seqlens_q,
+        contiguous_index(block_tables),
+        contiguous_index(context_lens),
+        cu_seqlens_q=contiguous_index(cu_seqlens_q),
         max_seqlen_q=max_seqlen_q,
         softmax_scale=softmax_scale,
     )
