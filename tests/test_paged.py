@@ -251,6 +251,48 @@ def test_strided_index_tensors_are_read_through_their_strides(backend):
         torch.testing.assert_close(paged_attention(**strided, backend=backend), expected, atol=1e-5, rtol=1e-5)
 
 
+def _int32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+DIRECT_CPU_CALLS = [  # torch.ops.llmfast.* called directly: out-of-range indices read or wrote anywhere
+    (lambda L, kc: L.write_kv_cache_cpu(torch.randn(1, 2, 8), torch.randn(1, 2, 8), kc, kc.clone(),
+                                        torch.tensor([10**9])), r"slot_mapping\[0\] = 1000000000 is outside"),
+    (lambda L, kc: L.paged_attention_cpu(torch.randn(1, 2, 8), kc, kc, _int32([10**8]), _int32(4), None, 1.0),
+     r"block_tables\[0, 0\] = 100000000 is outside"),
+    (lambda L, kc: L.paged_attention_cpu(torch.randn(1, 2, 8), kc, kc, _int32([0]), _int32(10**8), None, 1.0),
+     r"context_lens\[0\] = 100000000 is outside"),
+    (lambda L, kc: L.paged_attention_cpu(torch.randn(1, 2, 8), torch.zeros(2, 4, 0, 8), torch.zeros(2, 4, 0, 8),
+                                         _int32([0]), _int32(1), None, 1.0), "kv_heads must be positive"),
+    (lambda L, kc: L.paged_attention_cpu(torch.randn(1, 2, 8), kc, kc, torch.zeros(9, 1, dtype=torch.int32),
+                                         torch.full((9,), 4, dtype=torch.int32), None, 1.0), "one query row per"),
+    (lambda L, kc: L.paged_attention_cpu(torch.randn(1, 2, 8), kc, kc, _int32([0]), _int32(4), _int32(0, 10**7),
+                                         1.0), "cu_seqlens_q must run from 0"),
+]
+
+
+@pytest.mark.parametrize("call, match", DIRECT_CPU_CALLS)
+def test_cpu_ops_called_directly_check_their_indices(call, match):
+    """The C++ ops check what the Python wrappers check (a direct call, or a compiled graph whose values
+    Python could not read, crashed the process: segfault, or SIGFPE for zero kv heads)."""
+    require_backend("cpu", "paged_attention", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=match):
+        call(torch.ops.llmfast, torch.zeros(2, 4, 2, 8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mqa_caches_whose_head_dim_strides_differ(backend):
+    """kv_heads = 1: the size-1 head dim's stride can differ between k_cache and v_cache (it is never
+    stepped along); the cpu backend refused such caches as of unequal layout."""
+    require_backend(backend, "paged_attention")
+    k_cache = _randn(4, 4, 1, 8)  # strides (32, 8, 8, 1)
+    v_cache = _randn(4, 1, 4, 8).permute(0, 2, 1, 3)  # strides (32, 8, 32, 1), still "contiguous"
+    q, tables, lens = _randn(1, 2, 8), _int32([0, 1]).view(1, 2).to(DEVICE), _int32(6).to(DEVICE)
+    expected = paged_attention(q, k_cache, v_cache, tables, lens, backend="reference")
+    torch.testing.assert_close(paged_attention(q, k_cache, v_cache, tables, lens, backend=backend), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
 BAD_WRITES = [
     (lambda: _write_args(k=_randn(5, 64)), ValueError, "k: expected 3 dims"),
     (lambda: _write_args(k=_randn(5, 2, 32).long()), TypeError, "k: expected dtype"),

@@ -105,6 +105,15 @@ def test_constant_groups_have_scale_zero(bits):
     _check(quant_matmul(x, qw, backend="cpu"), x, qw, None)
 
 
+def test_cpu_ops_called_directly_refuse_an_empty_k():
+    """K = 0 divided by zero in the C++ ops (SIGFPE) when called directly."""
+    with pytest.raises(RuntimeError, match="K .* must be positive"):
+        torch.ops.llmfast.quant_matmul_cpu(torch.randn(3, 0), torch.zeros(2, 0, dtype=torch.int8), torch.ones(2, 1),
+                                           None, None)
+    with pytest.raises(RuntimeError, match="K .* must be positive"):
+        torch.ops.llmfast.packed_linear_cpu(torch.randn(2, 0), torch.zeros(1, 0, 32), 1, None)
+
+
 @pytest.mark.parametrize("leading", [(2, 3), (1, 1, 4), (0,)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_leading_dims(dtype, leading):

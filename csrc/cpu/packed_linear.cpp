@@ -140,6 +140,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int6
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "packed_linear_cpu: x must be a contiguous float32 (M, K) CPU tensor");
   const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(k > 0, "packed_linear_cpu: K (x.size(1)) must be positive");
   TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kFloat &&
                   packed.size(1) == k && packed.size(2) == kPanelCols && packed.device().is_cpu(),
               "packed_linear_cpu: packed must be a contiguous float32 (panels, K, ", kPanelCols, ") CPU tensor with K = ", k);

@@ -234,14 +234,97 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   }
 }
 
+// The Python wrappers check all of this before calling; these checks keep a direct call of the ops, or a
+// torch.compile'd graph (whose index values Python cannot read while tracing), from reading or writing
+// out of bounds. Each is one pass over the index tensors, no more than the kernels read anyway.
+// Both caches are addressed with k_cache's strides: they must agree wherever the index can be nonzero (a
+// size-1 dim, such as MQA's one kv head, is never stepped along, so its stride may differ).
+bool same_layout(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  if (k_cache.sizes() != v_cache.sizes()) {
+    return false;
+  }
+  for (int64_t d = 0; d < k_cache.dim(); ++d) {
+    const bool unit = d == k_cache.dim() - 1;
+    if (k_cache.size(d) > 1 && (k_cache.stride(d) != v_cache.stride(d) || (unit && k_cache.stride(d) != 1))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && v_cache.dtype() == k_cache.dtype(),
+              op, ": k_cache and v_cache must be (num_blocks, block_size, kv_heads, head_dim) of one dtype");
+  TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(2) > 0, op, ": block_size and kv_heads must be positive");
+}
+
+void check_write_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  check_caches("write_kv_cache_cpu", k_cache, v_cache);
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == k_cache.size(2) &&
+                  k.size(2) == k_cache.size(3) && k.dtype() == k_cache.dtype() && v.dtype() == k.dtype(),
+              "write_kv_cache_cpu: k, v must be (tokens, kv_heads, head_dim) matching the caches");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == k.size(0),
+              "write_kv_cache_cpu: slot_mapping must be int64 (tokens,)");
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < slot_mapping.size(0); ++t) {
+    TORCH_CHECK(slots[t] >= -1 && slots[t] < num_slots, "write_kv_cache_cpu: slot_mapping[", t, "] = ",
+                slots[t], " is outside [-1, ", num_slots, ")");
+  }
+}
+
+void check_paged_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& block_tables, const at::Tensor& context_lens,
+                      const std::optional<at::Tensor>& cu_seqlens_q) {
+  check_caches("paged_attention_cpu", k_cache, v_cache);
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == k_cache.size(3) && q.dtype() == k_cache.dtype() &&
+                  q.size(1) % k_cache.size(2) == 0,
+              "paged_attention_cpu: q must be (tokens, heads, head_dim), heads a multiple of kv_heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
+                  context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 &&
+                  context_lens.size(0) == block_tables.size(0),
+              "paged_attention_cpu: block_tables must be int32 (num_seqs, max_blocks), context_lens int32 "
+              "(num_seqs,)");
+  const int64_t num_seqs = block_tables.size(0), max_blocks = block_tables.size(1);
+  const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1);
+  const int32_t* lens = context_lens.const_data_ptr<int32_t>();
+  const int32_t* tables = block_tables.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    TORCH_CHECK(lens[i] >= 0 && lens[i] <= max_blocks * bs, "paged_attention_cpu: context_lens[", i, "] = ",
+                lens[i], " is outside [0, ", max_blocks * bs, "]");
+    for (int64_t b = 0; b < (lens[i] + bs - 1) / bs; ++b) {
+      const int32_t id = tables[i * max_blocks + b];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "paged_attention_cpu: block_tables[", i, ", ", b, "] = ", id,
+                  " is outside [0, ", num_blocks, ")");
+    }
+  }
+  if (!cu_seqlens_q) {
+    TORCH_CHECK(q.size(0) == num_seqs, "paged_attention_cpu: decode takes one query row per sequence");
+    return;
+  }
+  TORCH_CHECK(cu_seqlens_q->scalar_type() == at::kInt && cu_seqlens_q->dim() == 1 &&
+                  cu_seqlens_q->size(0) == num_seqs + 1 && cu_seqlens_q->is_contiguous(),
+              "paged_attention_cpu: cu_seqlens_q must be contiguous int32 (num_seqs + 1,)");
+  const int32_t* cu = cu_seqlens_q->const_data_ptr<int32_t>();
+  TORCH_CHECK(cu[0] == 0 && cu[num_seqs] == q.size(0), "paged_attention_cpu: cu_seqlens_q must run from 0 to ",
+              "the number of query rows");
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    TORCH_CHECK(cu[i + 1] >= cu[i] && cu[i + 1] - cu[i] <= lens[i], "paged_attention_cpu: sequence ", i,
+                " has more query tokens than context_lens[", i, "] or a negative count");
+  }
+}
+
 }  // namespace
 
 void write_kv_cache_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && slot_mapping.is_contiguous(),
               "write_kv_cache_cpu: k, v and slot_mapping must be contiguous");
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && k_cache.strides() == v_cache.strides(),
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && same_layout(k_cache, v_cache),
               "write_kv_cache_cpu: caches need unit head_dim stride and equal strides");
+  check_write_args(k, v, k_cache, v_cache, slot_mapping);
   const int64_t tokens = k.size(0), kv_heads = k.size(1), D = k.size(2), bs = k_cache.size(1);
   const int64_t s_block = k_cache.stride(0), s_slot = k_cache.stride(1), s_head = k_cache.stride(2);
   const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
@@ -272,8 +355,9 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
                                const std::optional<at::Tensor>& cu_seqlens_q, double softmax_scale) {
   TORCH_CHECK(q.is_contiguous() && block_tables.is_contiguous() && context_lens.is_contiguous(),
               "paged_attention_cpu: q, block_tables and context_lens must be contiguous");
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && k_cache.strides() == v_cache.strides(),
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && same_layout(k_cache, v_cache),
               "paged_attention_cpu: caches need unit head_dim stride and equal strides");
+  check_paged_args(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q);
   const int64_t num_seqs = block_tables.size(0);
   PagedArgs a{q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), block_tables.size(1),
               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

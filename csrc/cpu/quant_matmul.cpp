@@ -405,6 +405,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.device() == x.device(),
               "quant_matmul_cpu: qweight must be a contiguous 2-D tensor on ", x.device());
   const int64_t k = x.size(1), n = qweight.size(0);
+  TORCH_CHECK(k > 0, "quant_matmul_cpu: K (x.size(1)) must be positive");
   TORCH_CHECK(qweight.size(1) * (int8 ? 1 : 8) == k, "quant_matmul_cpu: qweight of shape ", qweight.sizes(),
               " does not match K = ", k, " of x");
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) > 0 && scales.is_contiguous(),
