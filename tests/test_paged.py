@@ -251,6 +251,22 @@ def test_strided_index_tensors_are_read_through_their_strides(backend):
         torch.testing.assert_close(paged_attention(**strided, backend=backend), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_through_paged_attention(backend):
+    """The reference is differentiable; the kernels have no backward and say so (the cpu backend returned
+    an output that required grad and then left q.grad None, with only an autograd warning)."""
+    require_backend(backend, "paged_attention")
+    args = {name: t.to(DEVICE) for name, t in _paged_args().items()}
+    q = args.pop("q").requires_grad_()
+    out = paged_attention(q, **args, backend=backend)
+    if backend == "reference":
+        out.sum().backward()
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+    else:
+        with pytest.raises(RuntimeError, match="paged_attention: .* have no backward"):
+            out.sum().backward()
+
+
 def _int32(*values):
     return torch.tensor(values, dtype=torch.int32)
 

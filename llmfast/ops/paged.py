@@ -310,6 +310,18 @@ def _paged_attention_cxx(device_type: str):
     return attend
 
 
+def _no_backward(ctx, grad_out):
+    raise RuntimeError("paged_attention: the triton, cpu and cuda backends have no backward (an inference op); "
+                       "backend='reference' is differentiable")
+
+
+# without this, a backward through the C++ ops left q.grad None with only a warning from autograd's fallback
+_paged_attention_triton_op.register_autograd(_no_backward)
+for _device in ("cpu", "cuda"):
+    if _ext.has_op(f"paged_attention_{_device}"):
+        torch.library.register_autograd(f"llmfast::paged_attention_{_device}", _no_backward)
+
+
 def paged_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
