@@ -74,6 +74,25 @@ def test_quantize_constant_groups(bits):
     assert not deq.isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_group_spanning_the_dtype_range(dtype):
+    """A finite group from -3e38 to 3e38: its range overflowed float32 (scales inf, dequantized NaN)."""
+    weight = torch.randn(4, 64).to(dtype)
+    weight[0, :16], weight[0, 16:32], weight[0, 5] = -3e38, 3e38, 1e37
+    qw = quantize(weight, 4, 32)
+    w = qw.dequantize().double()
+    assert torch.isfinite(qw.scales.float()).all() and torch.isfinite(w).all()
+    step = qw.scales.double().repeat_interleave(32, dim=1)  # (N, K)
+    assert ((w - weight.double()).abs() <= step / 2 * (1 + 2**-6)).all()
+
+
+def test_a_non_contiguous_int4_qweight_dequantizes():
+    qw = quantize(torch.randn(8, 64), 4, 32)
+    strided = QuantizedWeight(qw.qweight.t().contiguous().t(), qw.scales, qw.zeros)
+    assert not strided.qweight.is_contiguous()
+    assert torch.equal(strided.dequantize(), qw.dequantize())
+
+
 def test_documented_defaults():
     """quantize's group_size and QuantLinear.from_linear's bits and group_size default to API.md's values."""
     assert quantize(torch.randn(8, 256), 8).group_size == 128

@@ -41,7 +41,7 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128) -> Quantize
         codes = torch.round(w / _nonzero(scales)).clamp(-127, 127)
         return QuantizedWeight(codes.to(torch.int8).view(n, k), scales)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, groups)
-    scales = _rounded_up((hi - lo) / 15, weight.dtype)
+    scales = _rounded_up(hi / 15 - lo / 15, weight.dtype)  # (hi - lo) overflows float32 near its max
     zeros = (lo + 8 * scales.float()).to(weight.dtype)
     # rounding the zero point shifts the grid by up to half its ulp, which can exceed a step when a group
     # sits far from 0 (bf16): widen the step until codes 0..15 around the stored zero reach lo and hi

@@ -28,7 +28,7 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     n, words = qweight.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
     codes = (qweight[..., None] >> shifts) & 0xF  # (N, K // 8, 8); the mask drops the sign extension
-    return codes.view(n, words * 8).to(torch.uint8)
+    return codes.reshape(n, words * 8).to(torch.uint8)
 
 
 class QuantizedWeight(torch.nn.Module):
