@@ -1,99 +1,37 @@
 """LLM end to end on tiny random checkpoints (float32, CPU) against Hugging Face transformers: greedy
 tokens equal ``generate(do_sample=False)`` for every family, also under preemption, chunked prefill and
-shared prefixes; stops, min_tokens, logprobs, beam search, streaming, n > 1 and input checks."""
+shared prefixes; generation-config defaults, min_tokens, logprobs, beam search, streaming, n > 1 and input
+checks (the text, stops and detokenisation: test_engine_text.py)."""
 import json
-import os
 import shutil
 
 import pytest
 import torch
 
 from llmfast.engine import LLM, BeamSearchParams, SamplingParams
+from engine_setup import (  # fixtures too: pytest finds them by name
+    MAX_LEN,
+    FAMILIES,
+    PROMPT_LENGTHS,
+    MAX_TOKENS,
+    tokenizer,
+    checkpoints,
+    hf_greedy,
+    random_prompts,
+    GREEDY,
+    llama,
+)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every checkpoint here is local
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-TEXT = ["The quick brown fox jumps over the lazy dog.", "Paged attention keeps keys and values in blocks.",
-        "A scheduler batches requests continuously; prefill and decode share one batch!",
-        "Héllo wörld: ünïcode, 日本語 text and numbers 0123456789."]
-MAX_LEN = 96
-LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=MAX_LEN)
-FAMILIES = {
-    "llama": dict(model_type="llama", **LLAMA_LIKE),
-    "mistral": dict(model_type="mistral", **LLAMA_LIKE, sliding_window=MAX_LEN),
-    "qwen2": dict(model_type="qwen2", **LLAMA_LIKE, tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", **LLAMA_LIKE, head_dim=32),
-    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=MAX_LEN),
-}
-PROMPT_LENGTHS = [1, 2, 7, 16, 17, 33, 64]
-MAX_TOKENS = 12
 
 
-def build_tokenizer():
-    """A byte-level BPE trained on a few sentences (offline), as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXT, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                                bos_token="<|endoftext|>")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, tokenizer):
-    """family -> (folder, HF model), built on first use; every folder but gpt2's holds the tokenizer."""
-    built = {}
-
-    def get(family):
-        if family not in built:
-            folder = tmp_path_factory.mktemp(family)
-            config = transformers.AutoConfig.for_model(**FAMILIES[family], vocab_size=len(tokenizer),
-                                                       eos_token_id=tokenizer.eos_token_id)
-            torch.manual_seed(0)
-            hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-            with torch.no_grad():
-                for p in hf.parameters():
-                    p.add_(torch.randn_like(p) * 0.1)
-            hf.save_pretrained(folder)
-            if family != "gpt2":
-                tokenizer.save_pretrained(folder)
-            built[family] = folder, hf
-        return built[family]
-
-    return get
-
-
-def hf_greedy(hf, prompt, max_tokens=MAX_TOKENS):
-    """HF's greedy tokens, never stopping at eos (as ignore_eos=True), with the raw log-softmax per step."""
-    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                      eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)  # (max_tokens, vocab)
-    return out.sequences[0, len(prompt):].tolist(), logprobs
-
-
-def random_prompts(lengths, vocab, seed=0, prefix=()):
-    g = torch.Generator().manual_seed(seed)
-    return [list(prefix) + torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 SCENARIOS = {  # engine arguments, prompts
     "default": (dict(), dict(lengths=PROMPT_LENGTHS)),
     "preemption": (dict(num_kv_blocks=24, block_size=4), dict(lengths=PROMPT_LENGTHS)),
     "chunked": (dict(max_num_batched_tokens=7, block_size=8), dict(lengths=PROMPT_LENGTHS)),
     "shared_prefix": (dict(block_size=4, num_kv_blocks=48), dict(lengths=[1, 3, 9, 20], prefix=range(5, 30))),
 }
+
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -113,105 +51,6 @@ def test_greedy_matches_hf(checkpoints, family, scenario):
     if scenario == "shared_prefix":
         assert llm.block_manager.num_hit_blocks >= 3 * (25 // 4)
     assert llm.block_manager.num_free_blocks == llm.runner.num_kv_blocks and not llm.scheduler.has_unfinished()
-
-
-@pytest.fixture(scope="module")
-def llama(checkpoints):
-    folder, hf = checkpoints("llama")
-    return LLM(folder, block_size=4, num_kv_blocks=256), hf
-
-
-def test_text_prompts_and_incremental_detokenisation(llama, tokenizer):
-    llm, hf = llama
-    prompts = ["The quick brown fox", "Héllo wörld", "A"]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=True)
-    for prompt, out in zip(prompts, outs):
-        assert out.prompt == prompt and out.prompt_token_ids == tokenizer(prompt).input_ids
-        completion = out.outputs[0]
-        assert completion.token_ids == hf_greedy(hf, out.prompt_token_ids, 20)[0]
-        assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-
-
-def test_stop_token_ids_and_eos_end_a_request(llama, tmp_path, checkpoints):
-    llm, hf = llama
-    prompt = random_prompts([10], llm.vocab_size, seed=3)[0]
-    full = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
-    stop = full.token_ids[4]
-    cut = full.token_ids.index(stop)
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[stop]),
-                       use_tqdm=False)[0].outputs[0]
-    assert out.token_ids == full.token_ids[:cut + 1] and out.finish_reason == "stop" and out.stop_reason == stop
-    # the same token as the checkpoint's eos: it ends the request unless ignore_eos
-    folder = tmp_path / "eos"
-    shutil.copytree(checkpoints("llama")[0], folder)
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}))
-    eos_llm = LLM(folder, num_kv_blocks=64)
-    out = eos_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0].outputs[0]
-    assert out.token_ids == full.token_ids[:cut + 1] and out.finish_reason == "stop" and out.stop_reason is None
-    assert eos_llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == full.token_ids
-
-
-def test_stop_strings_cut_the_text(llama):
-    llm, _ = llama
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    full = llm.generate("The quick brown fox", params, use_tqdm=False)[0].outputs[0]
-    text = full.text
-    start = next(i for i in range(3, len(text) - 3) if "\ufffd" not in text[i:i + 3] and text[i:i + 3].strip())
-    stop = text[start:start + 3]
-    out = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                                            stop=["@@never@@", stop]), use_tqdm=False)[0].outputs[0]
-    assert out.text == text[:text.index(stop)]
-    assert out.finish_reason == "stop" and out.stop_reason == stop
-    assert full.token_ids[:len(out.token_ids)] == out.token_ids and len(out.token_ids) < len(full.token_ids)
-
-
-@pytest.fixture(scope="module")
-def repeating(tmp_path_factory, tokenizer):
-    """``token -> LLM`` over a GPT-2 checkpoint that predicts ``token`` at every step, whatever the input."""
-    def build(token):
-        folder = tmp_path_factory.mktemp("repeating")
-        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
-                                         eos_token_id=tokenizer.eos_token_id)
-        torch.manual_seed(0)
-        hf = transformers.GPT2LMHeadModel(config).eval()
-        with torch.no_grad():  # the final norm outputs a constant: the logits of `token` lead by far
-            hf.transformer.ln_f.weight.zero_()
-            hf.transformer.ln_f.bias.copy_(hf.transformer.wte.weight[token] * 50)
-        hf.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        return LLM(folder, num_kv_blocks=16)
-
-    return build
-
-
-def test_text_of_tokens_that_each_end_inside_a_character(repeating, tokenizer):
-    """A byte-level token such as 'H' + the first byte of 'é' decodes to 'H\ufffd' even when repeated; its
-    text must not wait for a character that never ends (it was all held back and lost, and a stop string
-    in it never fired)."""
-    token = next(t for t in range(len(tokenizer)) if len(tokenizer.decode([t])) > 1
-                 and tokenizer.decode([t, t]).endswith("\ufffd") and not tokenizer.decode([t])[0] == "\ufffd")
-    text = tokenizer.decode([token])
-    llm = repeating(token)
-    params = SamplingParams(temperature=0, max_tokens=6)
-    out = llm.generate("The quick", params, use_tqdm=False)[0].outputs[0]
-    assert out.token_ids == [token] * 6 and out.text == tokenizer.decode([token] * 6)
-    assert "".join(piece.text for piece in llm.stream("The quick", params)) == out.text
-    assert [p.text for p in llm.stream("The quick", params)][0] == text.rstrip("\ufffd")  # not held back
-    stopped = llm.generate("The quick", SamplingParams(temperature=0, max_tokens=6, stop=[text[0]]),
-                           use_tqdm=False)[0].outputs[0]
-    assert stopped.token_ids == [token] and stopped.text == "" and stopped.finish_reason == "stop"
-
-
-def test_the_earliest_stop_string_cuts_the_text(repeating, tokenizer):
-    """One token completing two stop strings: the text is cut before the earlier one in the text, whatever
-    their order in the list (it was cut at the first listed, leaving the other in the text)."""
-    token = next(t for t in range(len(tokenizer)) if t not in tokenizer.all_special_ids
-                 and len(set(tokenizer.decode([t]).strip())) >= 3)
-    text = tokenizer.decode([token])
-    first, last = text.strip()[0], text.strip()[-1]
-    out = repeating(token).generate([[5, 6]], SamplingParams(temperature=0, max_tokens=4, stop=[last, first]),
-                                    use_tqdm=False)[0].outputs[0]
-    assert out.token_ids == [token] and out.stop_reason == first and out.text == text[:text.index(first)]
 
 
 def test_no_sampling_params_takes_the_generation_config_defaults(checkpoints, tmp_path, tokenizer):
