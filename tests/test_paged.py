@@ -309,6 +309,22 @@ def test_mqa_caches_whose_head_dim_strides_differ(backend):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_caches_that_cannot_be_written_in_place_are_refused(backend):
+    """A cache that requires grad, or an inference tensor outside inference mode: the reference's in-place
+    write raised torch's RuntimeError while the kernels wrote silently; now every backend names the cache."""
+    require_backend(backend, "write_kv_cache")
+    args = {name: t.to(DEVICE) for name, t in _write_args().items()}
+    with pytest.raises(ValueError, match="k_cache: a KV cache written in place cannot require grad"):
+        write_kv_cache(**dict(args, k_cache=args["k_cache"].clone().requires_grad_()), backend=backend)
+    with torch.inference_mode():
+        v_cache = args["v_cache"].clone()
+    with pytest.raises(ValueError, match="v_cache: an inference-mode tensor is written only inside"):
+        write_kv_cache(**dict(args, v_cache=v_cache), backend=backend)
+    with torch.inference_mode():
+        write_kv_cache(**dict(args, v_cache=v_cache), backend=backend)  # inside it, as the engine writes
+
+
 BAD_WRITES = [
     (lambda: _write_args(k=_randn(5, 64)), ValueError, "k: expected 3 dims"),
     (lambda: _write_args(k=_randn(5, 2, 32).long()), TypeError, "k: expected dtype"),

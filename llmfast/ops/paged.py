@@ -60,6 +60,12 @@ def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
         check_tensor(name, cache, device=k.device)
         check_shape(name, cache, (None, None, kv_heads, head_dim), f"{CACHE_LAYOUT} matching k")
         check_same_dtype(name, cache, "k", k)
+        # written in place: the reference's index_put refuses both, the kernels would write behind autograd
+        if cache.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name}: a KV cache written in place cannot require grad (detach it, or write "
+                             "under torch.no_grad())")
+        if not torch.compiler.is_compiling() and cache.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(f"{name}: an inference-mode tensor is written only inside torch.inference_mode()")
     check_shape("v_cache", v_cache, tuple(k_cache.shape), f"{CACHE_LAYOUT}, the shape of k_cache")
     _check_block_size(k_cache)
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), device=k.device)
