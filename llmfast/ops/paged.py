@@ -128,7 +128,7 @@ def _write_kv_cache_cxx(device_type: str):
             write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
             return
         op = getattr(torch.ops.llmfast, f"write_kv_cache_{device_type}")
-        op(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous())
+        op(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)  # contiguous_index'd by write_kv_cache
 
     return write
 
@@ -308,10 +308,9 @@ def _paged_attention_cxx(device_type: str):
                softmax_scale: float) -> torch.Tensor:
         if not _cxx_cache_layout(k_cache, v_cache):
             k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-        cu_seqlens_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
         op = getattr(torch.ops.llmfast, f"paged_attention_{device_type}")
-        return op(q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(),
-                  cu_seqlens_q, softmax_scale)
+        # the index tensors arrive contiguous (paged_attention's contiguous_index)
+        return op(q.contiguous(), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale)
 
     return attend
 
