@@ -2,9 +2,9 @@
 // column panels, packed (panels, K, kPanelCols) with packed[p, k, j] = W[p * kPanelCols + j, k] (zero
 // past N), so one panel is a contiguous stream.
 //
-// For each panel a tile of MR rows keeps MR x kPanelCols sums in vector registers; each k adds
-// x[r, k] (broadcast) times the panel's row k, so no horizontal sums are needed and the panel is read
-// once per tile (from L2 after the first tile). Rows run in blocks whose x stays in L2. Compiled three
+// For each panel a tile of MR rows keeps MR x (kPanelCols or a part of it) sums in vector registers; each
+// k adds x[r, k] (broadcast) times the panel's row k, so no horizontal sums are needed and the panel is
+// read once per tile (from L2 after the first tile). Rows run in blocks whose x stays in L2. Compiled three
 // times under target attributes (AVX-512, AVX2 + FMA, baseline) with GCC vector extensions, like
 // quant_matmul.cpp; the widest the CPU has runs.
 #include "ops.h"
@@ -46,33 +46,61 @@ struct Args {
   int64_t m, k, n;
 };
 
-// Rows [row, row + MR) of panel p.
-template <int V, int MR>
-inline __attribute__((always_inline)) void tile(const Args& a, int64_t p, int64_t row) {
+// x[r, k] times row k of the tile's columns, added to acc.
+template <int V, int MR, int NV>
+inline __attribute__((always_inline)) void step(typename Vec<V>::f (&acc)[MR][NV], const float* panel,
+                                                const float* x, int64_t k_len, int64_t k) {
   using vf = typename Vec<V>::f;
-  constexpr int NV = kPanelCols / V;
-  const float* panel = a.packed + p * a.k * kPanelCols;
-  const float* x = a.x + row * a.k;
-  vf acc[MR][NV] = {};
-  for (int64_t k = 0; k < a.k; ++k) {
-    vf w[NV];
+  vf w[NV];
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) {
+    w[j] = load<vf>(panel + k * kPanelCols + j * V);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const float xv = x[r * k_len + k];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
-      w[j] = load<vf>(panel + k * kPanelCols + j * V);
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const float xv = x[r * a.k + k];
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) {
-        acc[r][j] += xv * w[j];
-      }
+      acc[r][j] += xv * w[j];
     }
   }
-  const int64_t col = p * kPanelCols, cols = std::min(kPanelCols, a.n - col);
+}
+
+// Rows [row, row + MR) of columns [part * NV * V, (part + 1) * NV * V) of panel p.
+template <int V, int MR, int NV>
+inline __attribute__((always_inline)) void tile(const Args& a, int64_t p, int64_t part, int64_t row) {
+  using vf = typename Vec<V>::f;
+  // A multiply-add waits for the previous one on its sum: a few rows (the tail of a row block, a
+  // decode step of one sequence) keep KU sets of sums over alternate k, so that eight chains run at once.
+  constexpr int KU = MR * NV >= 8 ? 1 : MR * NV >= 4 ? 2 : 4;
+  const float* panel = a.packed + p * a.k * kPanelCols + part * NV * V;
+  const float* x = a.x + row * a.k;
+  vf acc[KU][MR][NV] = {};
+  int64_t k = 0;
+  for (; k + KU <= a.k; k += KU) {
+    if constexpr (NV * V < kPanelCols) {
+      // whole panel rows: the first tile, reading from memory, then streams them once, not once per part
+      __builtin_prefetch(a.packed + p * a.k * kPanelCols + (k + 16) * kPanelCols);
+      __builtin_prefetch(a.packed + p * a.k * kPanelCols + (k + 16) * kPanelCols + 16);
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < KU; ++u) {
+      step<V, MR, NV>(acc[u], panel, x, a.k, k + u);
+    }
+  }
+  for (; k < a.k; ++k) {
+    step<V, MR, NV>(acc[0], panel, x, a.k, k);
+  }
+  const int64_t col = p * kPanelCols + part * NV * V, cols = std::min<int64_t>(NV * V, a.n - col);
   for (int r = 0; r < MR; ++r) {
-    float out[kPanelCols];
-    std::memcpy(out, acc[r], sizeof(out));
+    float out[NV * V];
+#pragma GCC unroll 4
+    for (int u = 1; u < KU; ++u) {
+      for (int j = 0; j < NV; ++j) {
+        acc[0][r][j] += acc[u][r][j];
+      }
+    }
+    std::memcpy(out, acc[0][r], sizeof(out));
     float* dst = a.y + (row + r) * a.n + col;
     for (int64_t j = 0; j < cols; ++j) {
       dst[j] = out[j] + (a.bias ? a.bias[col + j] : 0.f);
@@ -81,41 +109,58 @@ inline __attribute__((always_inline)) void tile(const Args& a, int64_t p, int64_
 }
 
 // `rows` (1 .. MR) rows: the count is a template argument so the sums stay in registers.
-template <int V, int MR>
-inline __attribute__((always_inline)) void tile_rows(const Args& a, int64_t p, int64_t row, int64_t rows) {
+template <int V, int MR, int NV>
+inline __attribute__((always_inline)) void tile_rows(const Args& a, int64_t p, int64_t part, int64_t row,
+                                                     int64_t rows) {
   if constexpr (MR > 1) {
     if (rows < MR) {
-      tile_rows<V, MR - 1>(a, p, row, rows);
+      tile_rows<V, MR - 1, NV>(a, p, part, row, rows);
       return;
     }
   }
-  tile<V, MR>(a, p, row);
+  tile<V, MR, NV>(a, p, part, row);
 }
 
-template <int V, int MR>
+// A tile spans NV vectors of V floats: the whole panel, or (where registers are few) a part of it, so
+// that more rows share each weight load.
+template <int V, int MR, int NV>
 inline __attribute__((always_inline)) void panels(const Args& a, int64_t p_begin, int64_t p_end) {
+  static_assert(kPanelCols % (NV * V) == 0, "a tile spans a whole part of the panel");
+  constexpr int64_t kParts = kPanelCols / (NV * V);
   const int64_t block_rows = std::max<int64_t>(MR, kRowBlockBytes / (4 * a.k) / MR * MR);
   for (int64_t row0 = 0; row0 < a.m; row0 += block_rows) {
     const int64_t row_end = std::min(a.m, row0 + block_rows);
     for (int64_t p = p_begin; p < p_end; ++p) {
-      for (int64_t row = row0; row < row_end; row += MR) {
-        tile_rows<V, MR>(a, p, row, std::min<int64_t>(MR, row_end - row));
+      for (int64_t part = 0; part < kParts; ++part) {
+        if (p * kPanelCols + part * NV * V >= a.n) {
+          break;  // the zero padding past N
+        }
+        for (int64_t row = row0; row < row_end; row += MR) {
+          tile_rows<V, MR, NV>(a, p, part, row, std::min<int64_t>(MR, row_end - row));
+        }
       }
     }
   }
 }
 
-// Sums per tile: MR x (kPanelCols / V) vectors, plus the panel row and one broadcast, fit the registers.
+// Sums per tile: MR x NV vectors, plus the NV weight vectors and one broadcast, fit the registers (32 with
+// AVX-512, 16 with AVX2). AVX2 takes half a panel and six rows: twelve independent sums hide the
+// multiply-add latency (two units of five cycles on Zen 2) that eight sums of two rows x 32 columns did not
+// (benchmarks/results/cpu_linear_avx2.json).
 #if defined(__x86_64__)
 __attribute__((target("avx512f,fma"))) void panels_avx512(const Args& a, int64_t b, int64_t e) {
-  panels<16, 8>(a, b, e);
+  panels<16, 8, 2>(a, b, e);
 }
 __attribute__((target("avx2,fma"))) void panels_avx2(const Args& a, int64_t b, int64_t e) {
-  panels<8, 2>(a, b, e);
+  if (a.m < 8) {
+    panels<8, 2, 4>(a, b, e);  // a few rows read the weights from memory once, as whole panel rows
+  } else {
+    panels<8, 6, 2>(a, b, e);
+  }
 }
 #endif
 void panels_baseline(const Args& a, int64_t b, int64_t e) {
-  panels<4, 1>(a, b, e);
+  panels<4, 1, 8>(a, b, e);
 }
 
 using PanelsFn = void (*)(const Args&, int64_t, int64_t);
