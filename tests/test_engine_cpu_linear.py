@@ -30,8 +30,8 @@ def test_pack_weight_layout():
 
 @pytest.mark.parametrize("isa", _isas())
 # m: AVX2 takes whole-panel tiles below 8 rows, half-panel tiles of 6 rows from 8 (with 1..5-row tails)
-@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 17, 40])
-# 50 ends inside a panel's second half; 4100: rows run in blocks
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 17, 40, 100])
+# 50 ends inside a panel's second half; 4100: K runs in 5 blocks, and 100 rows in 2 blocks
 @pytest.mark.parametrize("n,k", [(32, 16), (50, 24), (70, 33), (100, 4100)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_matches_float64(isa, m, n, k, bias):

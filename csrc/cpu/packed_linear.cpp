@@ -24,6 +24,7 @@ namespace {
 
 constexpr int64_t kPanelCols = 32;          // two AVX-512 vectors
 constexpr int64_t kRowBlockBytes = 256 << 10;  // x rows per block: this many bytes stay in L2
+constexpr int64_t kMaxKBlock = 1024;  // a panel's rows [k0, k0 + 1024): 128 KB, read from L2 by every row tile
 constexpr int64_t kGrainMacs = 1 << 17;     // multiply-adds per parallel task at least
 
 template <int V>
@@ -66,18 +67,28 @@ inline __attribute__((always_inline)) void step(typename Vec<V>::f (&acc)[MR][NV
   }
 }
 
-// Rows [row, row + MR) of columns [part * NV * V, (part + 1) * NV * V) of panel p.
+// Rows [row, row + MR) of columns [part * NV * V, (part + 1) * NV * V) of panel p, the products over
+// k in [k0, k1) added to what earlier k blocks left in y.
 template <int V, int MR, int NV>
-inline __attribute__((always_inline)) void tile(const Args& a, int64_t p, int64_t part, int64_t row) {
+inline __attribute__((always_inline)) void tile(const Args& a, int64_t p, int64_t part, int64_t row, int64_t k0,
+                                                int64_t k1) {
   using vf = typename Vec<V>::f;
   // A multiply-add waits for the previous one on its sum: a few rows (the tail of a row block, a
   // decode step of one sequence) keep KU sets of sums over alternate k, so that eight chains run at once.
   constexpr int KU = MR * NV >= 8 ? 1 : MR * NV >= 4 ? 2 : 4;
   const float* panel = a.packed + p * a.k * kPanelCols + part * NV * V;
   const float* x = a.x + row * a.k;
+  const int64_t col = p * kPanelCols + part * NV * V, cols = std::min<int64_t>(NV * V, a.n - col);
   vf acc[KU][MR][NV] = {};
-  int64_t k = 0;
-  for (; k + KU <= a.k; k += KU) {
+  if (k0 > 0) {
+    for (int r = 0; r < MR; ++r) {
+      float sums[NV * V] = {};
+      std::memcpy(sums, a.y + (row + r) * a.n + col, cols * sizeof(float));
+      std::memcpy(acc[0][r], sums, sizeof(sums));
+    }
+  }
+  int64_t k = k0;
+  for (; k + KU <= k1; k += KU) {
     if constexpr (NV * V < kPanelCols) {
       // whole panel rows: the first tile, reading from memory, then streams them once, not once per part
       __builtin_prefetch(a.packed + p * a.k * kPanelCols + (k + 16) * kPanelCols);
@@ -88,10 +99,10 @@ inline __attribute__((always_inline)) void tile(const Args& a, int64_t p, int64_
       step<V, MR, NV>(acc[u], panel, x, a.k, k + u);
     }
   }
-  for (; k < a.k; ++k) {
+  for (; k < k1; ++k) {
     step<V, MR, NV>(acc[0], panel, x, a.k, k);
   }
-  const int64_t col = p * kPanelCols + part * NV * V, cols = std::min<int64_t>(NV * V, a.n - col);
+  const bool add_bias = a.bias && k1 == a.k;
   for (int r = 0; r < MR; ++r) {
     float out[NV * V];
 #pragma GCC unroll 4
@@ -103,7 +114,7 @@ inline __attribute__((always_inline)) void tile(const Args& a, int64_t p, int64_
     std::memcpy(out, acc[0][r], sizeof(out));
     float* dst = a.y + (row + r) * a.n + col;
     for (int64_t j = 0; j < cols; ++j) {
-      dst[j] = out[j] + (a.bias ? a.bias[col + j] : 0.f);
+      dst[j] = out[j] + (add_bias ? a.bias[col + j] : 0.f);
     }
   }
 }
@@ -111,32 +122,38 @@ inline __attribute__((always_inline)) void tile(const Args& a, int64_t p, int64_
 // `rows` (1 .. MR) rows: the count is a template argument so the sums stay in registers.
 template <int V, int MR, int NV>
 inline __attribute__((always_inline)) void tile_rows(const Args& a, int64_t p, int64_t part, int64_t row,
-                                                     int64_t rows) {
+                                                     int64_t rows, int64_t k0, int64_t k1) {
   if constexpr (MR > 1) {
     if (rows < MR) {
-      tile_rows<V, MR - 1, NV>(a, p, part, row, rows);
+      tile_rows<V, MR - 1, NV>(a, p, part, row, rows, k0, k1);
       return;
     }
   }
-  tile<V, MR, NV>(a, p, part, row);
+  tile<V, MR, NV>(a, p, part, row, k0, k1);
 }
 
 // A tile spans NV vectors of V floats: the whole panel, or (where registers are few) a part of it, so
-// that more rows share each weight load.
+// that more rows share each weight load. A long K runs in blocks, so that a row block of x and a
+// panel's block of rows both stay in L2 and the weights stream from memory once per row block.
 template <int V, int MR, int NV>
 inline __attribute__((always_inline)) void panels(const Args& a, int64_t p_begin, int64_t p_end) {
   static_assert(kPanelCols % (NV * V) == 0, "a tile spans a whole part of the panel");
   constexpr int64_t kParts = kPanelCols / (NV * V);
-  const int64_t block_rows = std::max<int64_t>(MR, kRowBlockBytes / (4 * a.k) / MR * MR);
+  const int64_t k_blocks = (a.k + kMaxKBlock - 1) / kMaxKBlock;
+  const int64_t k_block = (a.k + k_blocks - 1) / k_blocks;
+  const int64_t block_rows = std::max<int64_t>(MR, kRowBlockBytes / (4 * k_block) / MR * MR);
   for (int64_t row0 = 0; row0 < a.m; row0 += block_rows) {
     const int64_t row_end = std::min(a.m, row0 + block_rows);
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      for (int64_t part = 0; part < kParts; ++part) {
-        if (p * kPanelCols + part * NV * V >= a.n) {
-          break;  // the zero padding past N
-        }
-        for (int64_t row = row0; row < row_end; row += MR) {
-          tile_rows<V, MR, NV>(a, p, part, row, std::min<int64_t>(MR, row_end - row));
+    for (int64_t k0 = 0; k0 < a.k; k0 += k_block) {
+      const int64_t k1 = std::min(a.k, k0 + k_block);
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        for (int64_t part = 0; part < kParts; ++part) {
+          if (p * kPanelCols + part * NV * V >= a.n) {
+            break;  // the zero padding past N
+          }
+          for (int64_t row = row0; row < row_end; row += MR) {
+            tile_rows<V, MR, NV>(a, p, part, row, std::min<int64_t>(MR, row_end - row), k0, k1);
+          }
         }
       }
     }
