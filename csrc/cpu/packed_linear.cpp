@@ -24,7 +24,10 @@ namespace {
 
 constexpr int64_t kPanelCols = 32;          // two AVX-512 vectors
 constexpr int64_t kRowBlockBytes = 256 << 10;  // x rows per block: this many bytes stay in L2
-constexpr int64_t kMaxKBlock = 1024;  // a panel's rows [k0, k0 + 1024): 128 KB, read from L2 by every row tile
+// A panel longer than 2048 rows (256 KB) would not stay in L2 beside a row block of x: K then runs in
+// blocks of at most 1024 rows (128 KB), read from L2 by every row tile.
+constexpr int64_t kMaxPanelRows = 2048;
+constexpr int64_t kMaxKBlock = 1024;
 constexpr int64_t kGrainMacs = 1 << 17;     // multiply-adds per parallel task at least
 
 template <int V>
@@ -134,12 +137,13 @@ inline __attribute__((always_inline)) void tile_rows(const Args& a, int64_t p, i
 
 // A tile spans NV vectors of V floats: the whole panel, or (where registers are few) a part of it, so
 // that more rows share each weight load. A long K runs in blocks, so that a row block of x and a
-// panel's block of rows both stay in L2 and the weights stream from memory once per row block.
+// panel's block of rows both stay in L2 and the weights stream from memory once per row block
+// (4096 x 4096 at 512 rows: 0.6x F.linear unblocked, on the AVX2 EPYC).
 template <int V, int MR, int NV>
 inline __attribute__((always_inline)) void panels(const Args& a, int64_t p_begin, int64_t p_end) {
   static_assert(kPanelCols % (NV * V) == 0, "a tile spans a whole part of the panel");
   constexpr int64_t kParts = kPanelCols / (NV * V);
-  const int64_t k_blocks = (a.k + kMaxKBlock - 1) / kMaxKBlock;
+  const int64_t k_blocks = a.k <= kMaxPanelRows ? 1 : (a.k + kMaxKBlock - 1) / kMaxKBlock;
   const int64_t k_block = (a.k + k_blocks - 1) / k_blocks;
   const int64_t block_rows = std::max<int64_t>(MR, kRowBlockBytes / (4 * k_block) / MR * MR);
   for (int64_t row0 = 0; row0 < a.m; row0 += block_rows) {
