@@ -138,7 +138,7 @@ inline __attribute__((always_inline)) void tile_rows(const Args& a, int64_t p, i
 // A tile spans NV vectors of V floats: the whole panel, or (where registers are few) a part of it, so
 // that more rows share each weight load. A long K runs in blocks, so that a row block of x and a
 // panel's block of rows both stay in L2 and the weights stream from memory once per row block
-// (4096 x 4096 at 512 rows: 0.6x F.linear unblocked, on the AVX2 EPYC).
+// (4096 x 4096 at 1024 rows on the AVX2 EPYC: 0.58x F.linear unblocked, 0.83x in blocks).
 template <int V, int MR, int NV>
 inline __attribute__((always_inline)) void panels(const Args& a, int64_t p_begin, int64_t p_end) {
   static_assert(kPanelCols % (NV * V) == 0, "a tile spans a whole part of the panel");
