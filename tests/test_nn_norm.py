@@ -112,3 +112,31 @@ def test_float64_fused_add_returns_the_sum():
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x + r, (8,), module.weight, 1e-6), rtol=0, atol=0)
     with pytest.raises(ValueError, match="residual: expected shape"):
         module(x, r[:1])
+
+
+def _layer_norm_pair(hidden, device):
+    theirs = _randomize(torch.nn.LayerNorm(hidden)).to(device)
+    ours = llmfast.nn.LayerNorm(hidden).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def test_layer_norm_under_cpu_autocast_keeps_the_input_dtype_as_torch():
+    ours, theirs = _layer_norm_pair(64, "cpu")
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mine, ref = ours(x), theirs(x)
+    assert mine.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(mine, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_under_cuda_autocast_returns_float32_as_torch(dtype):
+    ours, theirs = _layer_norm_pair(1024, "cuda")
+    x = torch.randn(256, 1024, device="cuda").to(dtype)
+    with torch.autocast("cuda", dtype=dtype):
+        mine, ref = ours(x), theirs(x)
+    assert mine.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)  # both compute on the same float32 input

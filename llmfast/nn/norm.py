@@ -82,12 +82,14 @@ class FusedAddLayerNorm(_NormBase):
 
 
 class LayerNorm(FusedAddLayerNorm):
-    """Drop-in for ``torch.nn.LayerNorm`` (parameters ``weight`` and ``bias``).
-
-    One difference: inside CUDA autocast torch runs ``layer_norm`` in float32 and returns float32 for a
-    bf16/fp16 input; this module also computes in float32 but returns the input's dtype."""
+    """Drop-in for ``torch.nn.LayerNorm`` (parameters ``weight`` and ``bias``). Inside CUDA autocast it
+    returns float32 for a float16/bfloat16 input, as torch's (``layer_norm`` is on autocast's float32 list;
+    CPU autocast keeps the input dtype)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (isinstance(x, torch.Tensor) and x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+                and torch.is_autocast_enabled("cuda")):
+            x = x.float()
         return super().forward(x)[0]
 
 
