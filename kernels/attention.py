@@ -17,6 +17,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from llmfast_kernels import tuning
+
 LOG2_E = math.log2(math.e)
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -70,16 +72,16 @@ def fits_shared_memory(tiles):
     rows streamed through num_stages buffers of K and V, or of Q and dO), each BLOCK_D wide. Compiled for
     sm_90 (tests/compile_kernels.py), the 16-bit configs got exactly these bytes or a little more (less
     only for small tiles, far under any limit), and each config this drops was over the limit; fp32
-    tiles are laid out otherwise and are not pruned."""
+    tiles are laid out otherwise and are not pruned. What is left then goes through ``tuning.limit``."""
     def prune(configs, named_args, **meta):
         q = named_args["Q"]
         limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", None)
         if q.element_size() != 2 or limit is None:
-            return configs
+            return tuning.limit(configs)
 
         kept = [c for c in configs if tile_bytes(tiles, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
                                                  meta["BLOCK_D"]) <= limit]
-        return kept or configs[-1:]
+        return tuning.limit(kept or configs[-1:])
     return prune
 
 

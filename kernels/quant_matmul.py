@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from llmfast_kernels import tuning
+
 SMALL_M_TILE = 16  # the fewest rows tl.dot takes; 2..16 rows are padded to it
 
 
@@ -219,14 +221,15 @@ _DEQUANTIZE_WARPS = 8
 
 @functools.cache
 def _autotuned(kernel_name: str, group_size: int):
-    """The autotuned handle of one kernel, over the configs whose K tiles lie inside one group."""
+    """The autotuned handle of one kernel, over the configs whose K tiles lie inside one group
+    (``tuning.limit``: read once, at the first call for this kernel and group size)."""
     kernel, configs, key = {
         "splitk": (_quant_matmul_splitk_kernel, _splitk_cuda_configs(),
                    ["N", "K", "GROUP_SIZE", "BLOCK_M", "SPLIT_K"]),
         "tiled": (_quant_matmul_tiled_kernel, _tiled_cuda_configs(), ["m_bucket", "N", "K", "GROUP_SIZE"]),
     }[kernel_name]
     fitting = [c for c in configs if group_size == 0 or c.kwargs["BLOCK_K"] <= group_size]
-    return triton.autotune(configs=fitting, key=key)(kernel)
+    return triton.autotune(configs=tuning.limit(fitting), key=key)(kernel)
 
 
 # ----------------------------------------------------------------------------------------------

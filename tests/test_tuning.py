@@ -1,0 +1,46 @@
+"""LLMFAST_AUTOTUNE=first: the GPU tests' autotuners try one config of each kind, not the whole list."""
+import pytest
+import triton
+
+from llmfast_kernels import attention, quant_matmul, tuning
+
+
+def _configs():
+    pairs = [(128, False), (64, False), (128, True), (64, True)]
+    return [triton.Config({"BLOCK_M": m, "USE_TMA": tma}) for m, tma in pairs]
+
+
+def test_all_is_the_default_and_keeps_every_config(monkeypatch):
+    monkeypatch.delenv(tuning.ENV_VAR, raising=False)
+    configs = _configs()
+    assert tuning.limit(configs) == configs
+    monkeypatch.setenv(tuning.ENV_VAR, "all")
+    assert tuning.limit(configs) == configs
+
+
+def test_first_keeps_the_first_config_of_each_load_kind(monkeypatch):
+    monkeypatch.setenv(tuning.ENV_VAR, "first")
+    configs = _configs()
+    assert tuning.limit(configs) == [configs[0], configs[2]]
+    plain = [triton.Config({"BLOCK_N": n}) for n in (32, 64)]  # kernels without USE_TMA
+    assert tuning.limit(plain) == plain[:1]
+
+
+def test_a_bad_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(tuning.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="LLMFAST_AUTOTUNE"):
+        tuning.limit(_configs())
+
+
+@pytest.mark.parametrize("value, expected", [("all", None), ("first", 1)])
+def test_the_quant_and_attention_autotuners_take_the_limit(monkeypatch, value, expected):
+    monkeypatch.setenv(tuning.ENV_VAR, value)
+    tuner = quant_matmul._autotuned.__wrapped__("tiled", 128)
+    assert len(tuner.configs) == (expected or len(quant_matmul._tiled_cuda_configs()))
+    # attention prunes on the GPU; fp32 inputs skip the shared-memory check, so this runs without one
+    handle = attention._attn_fwd_sm90_either
+    prune = handle.early_config_prune
+    q = type("FakeQ", (), {"element_size": lambda self: 4, "device": None})()
+    monkeypatch.setattr(attention.torch.cuda, "get_device_properties", lambda device: object())
+    kept = prune(handle.configs, {"Q": q}, BLOCK_D=64)
+    assert len(kept) == (2 if value == "first" else len(handle.configs))  # pointer and TMA loads
