@@ -3,14 +3,17 @@
 # result files are collected in $OUT/gpu_check.tgz (the device tool brings back at most 8 files), and
 # the summary is also $OUT/summary.txt; unpack with `tar xzf gpu_check.tgz` (results/ then logs/).
 #
-#   bash benchmarks/gpu_check.sh                               # build, tests, every benchmark
+#   bash benchmarks/gpu_check.sh                               # build, then the gpu tests
 #   bash benchmarks/gpu_check.sh tests bench:norm              # builds first only if not installed yet
 #   bash benchmarks/gpu_check.sh "bench:norm:--ops rmsnorm --quick"   # bench:NAME[:ARGS]
 #   bash benchmarks/gpu_check.sh tests:attention               # pytest -m gpu tests/test_attention*.py
 #   steps: build, tests (pytest -m gpu), tests:NAME (one family's files), tests:all (the whole suite),
 #   bench:NAME[:ARGS]
-# The attention tests autotune ~50 configs for each of ~30 (dtype, head dim, causal, GQA, varlen) sets,
-# compiling each first (seconds apiece): give them a call of their own.
+# Test steps set LLMFAST_AUTOTUNE=first (kernels/tuning.py): each autotuned kernel compiles and runs the
+# first config that fits of each kind, not all ~50 for each of ~30 attention sets. Benchmarks tune fully.
+# One call runs at most 600 s: give each benchmark a call of its own (bench_throughput: one --parts each).
+# --quick runs of bench_quant and bench_throughput write to a temp folder: smoke tests, not collected.
+# The running step's log is also $OUT/current_step.log, so a step killed at the time limit leaves it.
 #
 # Carried wheels in .whl/ (e.g. liger_kernel, pytest) are installed to /tmp/site first.
 set -o pipefail
@@ -19,7 +22,7 @@ OUT=${OUT:-/tmp/gpu_check_out}
 LOGS=$(mktemp -d)
 mkdir -p "$OUT" "$LOGS/logs" "$LOGS/results"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build tests bench:norm bench:attention bench:quant bench:paged bench:throughput)
+[ ${#steps[@]} -eq 0 ] && steps=(build tests)
 summary=()
 failed=0
 
@@ -32,7 +35,7 @@ run_step() {  # run_step NAME LOG COMMAND...: times COMMAND, tees it into logs/L
     local name=$1 log=$2 start=$SECONDS rc
     shift 2
     echo "=== $name"
-    "$@" 2>&1 | tee "$LOGS/logs/$log"
+    "$@" 2>&1 | tee "$LOGS/logs/$log" "$OUT/current_step.log"
     rc=$?
     [ $rc -ne 0 ] && failed=$((failed + 1))
     pack
@@ -45,7 +48,7 @@ build() {
 }
 
 gpu_tests() {  # [FILES...], default tests/
-    python3 -m pytest -q -x -m gpu "${@:-tests/}"
+    LLMFAST_AUTOTUNE=${LLMFAST_AUTOTUNE:-first} python3 -m pytest -q -x -m gpu "${@:-tests/}"
     local rc=$?
     [ $rc -eq 5 ] && { echo "no tests are marked gpu"; return 0; }
     return $rc
