@@ -25,6 +25,12 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _positive_int(text: str) -> int:
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return int(text)
+
+
 def _fail(command: str, exc: BaseException) -> int:
     print(f"llmfast {command}: error: {exc}", file=sys.stderr)
     return 2
@@ -127,7 +133,10 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     from llmfast.eval import perplexity
 
     try:
-        text = Path(args.file).read_text(encoding="utf-8")
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--file: {args.file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         ppl = perplexity(args.model, text, args.stride, args.max_length, dtype=args.dtype, device=args.device)
     except (OSError, ValueError, BackendUnavailable) as exc:
         return _fail("eval ppl", exc)
@@ -142,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="batched generation (a built-in tiny model by default), then every op "
                                         "on every available backend against the reference")
     demo.add_argument("--model", default=None, help="checkpoint folder (default: a small random model, no download)")
-    demo.add_argument("--num-prompts", type=int, default=32, help="requests in the batch (default 32)")
-    demo.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    demo.add_argument("--num-prompts", type=_positive_int, default=32, help="requests in the batch (default 32)")
+    demo.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens generated per request (default 64)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.set_defaults(run=_demo)
 

@@ -164,3 +164,30 @@ def test_bench_all_help_describes_all(capsys):
 def test_bench_rejects_an_unknown_name():
     result = llmfast("bench", "nope", timeout=60)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+@pytest.mark.parametrize("file,text,message", [
+    ("config.json", "[]", "config.json: expected a JSON object, got list"),
+    ("config.json", "{", "config.json: not valid JSON"),
+    ("generation_config.json", "[1]", "generation_config.json: expected a JSON object, got list"),
+    ("tokenizer.json", "garbage", "the tokenizer files in"),
+])
+def test_broken_checkpoint_files_are_named_without_a_traceback(checkpoint, tmp_path, capsys, file, text, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / file).write_text(text)
+    assert cli.main(["generate", "--model", str(broken), "--prompt", "a"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_refuses_a_count_below_one(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--num-prompts", "0"])
+    assert exit_info.value.code == 2 and "--num-prompts: expected a positive int, got '0'" in capsys.readouterr().err
+
+
+def test_eval_names_a_file_that_is_not_utf8(checkpoint, tmp_path, capsys):
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"ok \xff\xfe")
+    assert cli.main(["eval", "ppl", "--model", str(checkpoint), "--file", str(binary)]) == 2
+    assert f"--file: {binary} is not UTF-8 text" in capsys.readouterr().err

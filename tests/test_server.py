@@ -318,3 +318,12 @@ def test_absent_fields_take_the_models_generation_config_defaults():
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.5)
     params = chat.sampling_params(chat.max_new_tokens(), None, defaults)
     assert (params.temperature, params.top_k, params.max_tokens) == (0.5, 5, None)
+
+
+def test_errors_do_not_echo_huge_inputs_and_name_a_wrong_content_type(server):
+    response = httpx.post(server + "/v1/completions", json={"prompt": [1.5] * 20000}, timeout=30)
+    assert response.status_code == 400 and len(response.json()["error"]["message"]) < 300, response.text[:500]
+    response = httpx.post(server + "/v1/completions", content=b'{"prompt": "x", "max_tokens": 2}',
+                          headers={"content-type": "text/plain"}, timeout=30)
+    assert response.status_code == 400
+    assert "application/json, got 'text/plain'" in response.json()["error"]["message"], response.text

@@ -21,7 +21,10 @@ def load_tokenizer(path: str | Path):
         return None
     from transformers import AutoTokenizer  # transformers is needed only with a tokenizer
 
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except ValueError as exc:  # a broken tokenizer.json or tokenizer_config.json: say which folder
+        raise ValueError(f"model: the tokenizer files in {folder} could not be read ({exc})") from exc
 
 
 class Detokenizer:

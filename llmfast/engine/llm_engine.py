@@ -3,7 +3,6 @@ finished completions out. ``LLM`` (llm.py) adds the user-facing calls on top."""
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from llmfast.engine.sampler import Sampler
 from llmfast.engine.sampling_params import SamplingParams
 from llmfast.engine.scheduler import Scheduler
 from llmfast.engine.sequence import Sequence
+from llmfast.models.loader import read_json_object
 from llmfast.ops._checks import check_positive_int
 
 # the llmfast ops a model forward calls (quant_matmul too for a quantized model)
@@ -30,7 +30,7 @@ def _eos_token_ids(path: Path, tokenizer) -> set[int]:
     for name in ("generation_config.json", "config.json"):
         file = path / name
         if file.is_file():
-            eos = json.loads(file.read_text()).get("eos_token_id")
+            eos = read_json_object(file).get("eos_token_id")
             if eos is not None:
                 ids.update([eos] if isinstance(eos, int) else eos)
                 break
@@ -48,7 +48,7 @@ def _sampling_defaults(path: Path) -> dict:
     """The ``SamplingParams`` fields the checkpoint's generation_config.json sets (as vLLM, ``do_sample`` is
     not read: a config with a temperature samples). Raises ValueError naming the file for a bad value."""
     file = path / "generation_config.json"
-    config = json.loads(file.read_text()) if file.is_file() else {}
+    config = read_json_object(file) if file.is_file() else {}
     defaults = {ours: config[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if config.get(theirs) is not None}
     try:
         SamplingParams(**defaults)

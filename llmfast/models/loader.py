@@ -23,6 +23,17 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _SHOWN = 5  # names listed in an error before "and N more"
 
 
+def read_json_object(file: Path) -> dict:
+    """The JSON object in ``file`` (a checkpoint's config files); ValueError naming the file otherwise."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def load_model(
     path: str | Path, *, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu"
 ) -> torch.nn.Module:
@@ -42,7 +53,7 @@ def load_model(
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"path: {folder} has no config.json")
-    hf_config = json.loads(config_file.read_text())
+    hf_config = read_json_object(config_file)
     model_type = hf_config.get("model_type")
     if model_type not in MODEL_CLASSES:
         raise ValueError(
@@ -108,7 +119,10 @@ def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files of the checkpoint: the shards its index lists, or every *.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected a 'weight_map' object")
+        shards = sorted(set(weight_map.values()))
         missing = [name for name in shards if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{index}: lists shards that are not in {folder}: {_names(missing)}")

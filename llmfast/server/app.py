@@ -78,7 +78,7 @@ def build_app(llm: LLM, model_name: str) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = protocol.validation_message(list(exc.errors()))
+        message, param = protocol.validation_message(list(exc.errors()), request.headers.get("content-type"))
         return _error(message, 400, param)
 
     @app.exception_handler(APIError)

@@ -160,13 +160,21 @@ def error_body(message: str, status: int, param: str | None = None) -> dict:
                       "param": param, "code": status}}
 
 
-def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+def _shown(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message need not echo a megabyte of prompt back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def validation_message(errors: list[dict], content_type: str | None = None) -> tuple[str, str | None]:
     """One readable message (and the offending field) from pydantic's errors about a request body."""
     error = errors[0]
     loc = [str(part) for part in error["loc"] if part != "body"]
     if error["type"] == "json_invalid":
         return f"the request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}", None
     if not loc:
+        if content_type and "json" not in content_type.lower():
+            return f"the request body must be a JSON object sent as application/json, got {content_type!r}", None
         return "the request body must be a JSON object", None
     field = loc[0]
     if error["type"] == "missing":
@@ -175,8 +183,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     union = next((part for part in reversed(loc) if part in EXPECTED), None)
     if union is not None:
         path = ".".join(loc[:loc.index(union) + 1])
-        return f"{path}: expected {EXPECTED[union]}, got {got!r}", field
-    return f"{'.'.join(loc)}: {error['msg'].lower()}, got {got!r}", field
+        return f"{path}: expected {EXPECTED[union]}, got {_shown(got)}", field
+    return f"{'.'.join(loc)}: {error['msg'].lower()}, got {_shown(got)}", field
 
 
 def new_id(prefix: str) -> str:
