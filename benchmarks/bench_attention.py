@@ -3,6 +3,9 @@ cuDNN and efficient backends, forward and backward, measured in the same run. GP
 
     python -m benchmarks.bench_attention            # the full grid -> results/{gpu}_attention.json, .png
     python -m benchmarks.bench_attention --quick    # one tiny case -> results/{gpu}_attention_quick.*
+    python -m benchmarks.bench_attention --causal yes   # half the grid -> results/{gpu}_attention_causal.*
+
+The results file is rewritten after every case, so a run stopped by a time limit keeps what it measured.
 
 FLOPs counted per case, the same for every implementation (so TFLOP/s ratios are time ratios):
     fwd  4 * B * H * S^2 * D (two matmuls of 2 * S^2 * D each per head), halved when causal
@@ -179,6 +182,8 @@ def _plot(name: str, rows: list[dict], device) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_attention", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"one tiny case {QUICK_CASES[0]}, no varlen")
+    parser.add_argument("--causal", choices=("both", "no", "yes"), default="both",
+                        help="the causal cases, the non-causal ones, or both (default; one device call may not fit both)")
     parser.add_argument("--device", choices=("cuda",), help="cuda (the only device it runs on)")
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
@@ -188,27 +193,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     cases_shapes = QUICK_CASES if args.quick else CASES
+    causals = {"both": (False, True), "no": (False,), "yes": (True,)}[args.causal]
+    # a quick or half run must not overwrite the full grid's results
+    name = "attention_quick" if args.quick else {"both": "attention", "no": "attention_noncausal",
+                                                  "yes": "attention_causal"}[args.causal]
     checks = {}
     rows = []
-    for causal in (False, True):
-        for shape in cases_shapes:
-            checks[f"{shape} causal={causal}"] = check_ours(*shape, causal, device)
-            case = dense_case(*shape, causal, device)
-            print(f"{case.label} causal={causal}", flush=True)
-            rows += time_case(case)
-        if not args.quick:
-            case = varlen_case(causal, device)
-            print(f"{case.label} causal={causal}", flush=True)
-            rows += time_case(case)
-    add_ratios(rows)
 
-    # a quick run must not overwrite the full grid's results
-    name = "attention_quick" if args.quick else "attention"
-    save_results(name, {
-        "flops": "fwd 4*B*H*S^2*D, halved when causal; bwd 2.5x fwd; varlen summed over sequences "
-                 "(SDPA runs on the padded batch)",
-        "dtype": "bfloat16", "peak_tflops": BF16_TFLOPS, "max_abs_diff_vs_sdpa": checks, "results": rows,
-    }, device=device, packages=("llmfast",))
+    def save() -> None:
+        add_ratios(rows)
+        save_results(name, {
+            "flops": "fwd 4*B*H*S^2*D, halved when causal; bwd 2.5x fwd; varlen summed over sequences "
+                     "(SDPA runs on the padded batch)",
+            "dtype": "bfloat16", "peak_tflops": BF16_TFLOPS, "max_abs_diff_vs_sdpa": checks, "results": rows,
+        }, device=device, packages=("llmfast",))
+
+    for causal in causals:
+        for shape in [*cases_shapes, *([] if args.quick else ["varlen"])]:
+            if shape == "varlen":
+                case = varlen_case(causal, device)
+            else:
+                checks[f"{shape} causal={causal}"] = check_ours(*shape, causal, device)
+                case = dense_case(*shape, causal, device)
+            print(f"{case.label} causal={causal}", flush=True)
+            rows += time_case(case)
+            save()
     _plot(name, rows, device)
 
     print()
