@@ -102,6 +102,7 @@ def test_models_and_health(server, client, llm):
     assert [(m.id, m.object) for m in client.models.list().data] == [(MODEL, "model")]
     state = health(server)
     assert state["status"] == "ok" and state["num_kv_blocks"] > 0
+    assert httpx.head(server + "/health", timeout=10).status_code == 200
 
 
 def test_completions_equal_offline_generate(client, llm):

@@ -93,7 +93,7 @@ def build_app(llm: LLM, model_name: str) -> FastAPI:
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:  # a bug of ours, never a client's
         return _error(f"internal server error: {type(exc).__name__}: {exc}", 500)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD too: load balancers probe with it
     async def health() -> dict:
         """Liveness, with the KV cache and queue counts (a disconnected client leaves no block behind)."""
         return {"status": "ok", "num_kv_blocks": llm.runner.num_kv_blocks,
