@@ -328,3 +328,33 @@ def test_errors_do_not_echo_huge_inputs_and_name_a_wrong_content_type(server):
                           headers={"content-type": "text/plain"}, timeout=30)
     assert response.status_code == 400
     assert "application/json, got 'text/plain'" in response.json()["error"]["message"], response.text
+
+
+def test_prompts_are_tokenized_on_the_engine_thread_not_the_event_loop(llm, monkeypatch):
+    """A megabyte prompt takes seconds to tokenize: on the event loop it would stall every connection."""
+    import threading
+
+    from llmfast.server.async_engine import AsyncEngine
+
+    threads = []
+    encode = llm.encode
+
+    def recording_encode(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "encode", recording_encode)
+
+    async def one_request():
+        engine = AsyncEngine(llm)
+        engine.start()
+        try:
+            request = await engine.add(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=2))
+            pieces = [piece async for _, piece in engine.results(request)]
+        finally:
+            await engine.stop()
+        return pieces
+
+    pieces = asyncio.run(one_request())
+    assert pieces and pieces[-1].finish_reason == "length"
+    assert threads and all(name.startswith("llmfast-engine") for name in threads), threads

@@ -1,10 +1,11 @@
 """One engine loop for every HTTP connection: continuous batching across requests.
 
 A single asyncio task owns the ``LLM``. Between two steps it admits the requests that arrived (tokenizing
-and checking them, so a bad prompt is refused before anything runs) and applies aborts; each step runs on
-one worker thread (the forward releases the GIL, so the event loop keeps serving connections meanwhile);
-after it, the new pieces of every running request go to that request's asyncio queue. Only this task
-touches the engine and its tokenizer, so nothing in them is ever used from two threads at once.
+and checking them, so a bad prompt is refused before anything runs) and applies aborts; each step, and the
+tokenizing, runs on one worker thread (the forward releases the GIL, so the event loop keeps serving
+connections meanwhile, also while a megabyte prompt is tokenized); after a step, the new pieces of every
+running request go to that request's asyncio queue. Only this task and its one worker thread touch the
+engine and its tokenizer, so nothing in them is ever used from two threads at once.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Request:
     params: SamplingParams
     add_special_tokens: bool
     admitted: asyncio.Future  # set once checked and queued; raises ValueError for a bad prompt
+    tokenized: list | Exception | None = None  # (text, token ids) per prompt, or why tokenizing failed
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # (prompt index, CompletionOutput), then None
     prompt_token_ids: list[list[int]] = field(default_factory=list)
     seqs: list[list[Sequence]] = field(default_factory=list)  # per prompt, its n sequences
@@ -94,8 +96,13 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         scheduler = self.llm.scheduler
         while True:
+            untokenized = [request for request in self._pending if request.tokenized is None]
+            if untokenized:
+                await loop.run_in_executor(self._executor, self._tokenize_requests, untokenized)
             self._admit()
             if not scheduler.has_unfinished():
+                if self._pending:  # arrived during the tokenizing above (their wake-up came before this)
+                    continue
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -120,9 +127,13 @@ class AsyncEngine:
         for request in pending:
             if request.aborted:
                 continue
+            if request.tokenized is None:  # arrived while others were tokenized: next time round
+                self._pending.append(request)
+                continue
             try:
-                checked = self.llm.check_requests([self._tokenize(p, request.add_special_tokens)
-                                                    for p in request.prompts], [request.params] * len(request.prompts))
+                if isinstance(request.tokenized, Exception):
+                    raise request.tokenized
+                checked = self.llm.check_requests(request.tokenized, [request.params] * len(request.prompts))
                 self._check_length([ids for _, ids, _ in checked], request.params.max_tokens)
                 request.prompt_token_ids = [ids for _, ids, _ in checked]
                 for text, ids, params in checked:
@@ -136,6 +147,14 @@ class AsyncEngine:
                 continue
             self._running.append(request)
             request.admitted.set_result(None)
+
+    def _tokenize_requests(self, requests: list[Request]) -> None:
+        """On the worker thread: each request's prompts as (text, token ids), or the error that stopped it."""
+        for request in requests:
+            try:
+                request.tokenized = [self._tokenize(p, request.add_special_tokens) for p in request.prompts]
+            except Exception as exc:  # raised when the request is admitted, as a check's error would be
+                request.tokenized = exc
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> tuple[str | None, list[int]]:
         if not isinstance(prompt, str):
