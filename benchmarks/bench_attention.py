@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_attention", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"one tiny case {QUICK_CASES[0]}, no varlen")
     parser.add_argument("--causal", choices=("both", "no", "yes"), default="both",
-                        help="the causal cases, the non-causal ones, or both (default; one device call may not fit both)")
+                        help="the causal cases, the non-causal ones, or both (default; may not fit one device call)")
     parser.add_argument("--device", choices=("cuda",), help="cuda (the only device it runs on)")
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
