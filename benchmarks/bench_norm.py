@@ -3,7 +3,10 @@ Liger-Kernel, measured in the same run.
 
     python -m benchmarks.bench_norm                  # the full grid on a GPU -> results/{gpu}_norm.json, .png
     python -m benchmarks.bench_norm --quick          # two small sizes; on CPU -> results/cpu_norm.json
+    python -m benchmarks.bench_norm --ops rmsnorm    # one op's full grid -> results/{gpu}_norm_rmsnorm.*
     python -m benchmarks.bench_norm --ops rmsnorm --sizes 16384x4096   # -> results/{gpu}_norm_partial.*
+
+The JSON is rewritten after every case, so a run stopped by a time limit keeps what it measured.
 
 Bytes counted per case, the same for every implementation (so TB/s ratios are ms ratios), 2 B each:
     fwd      4*N*H: read x, residual; write y, h
@@ -260,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("on CPU the full grid (up to 32768x8192 with gradients) is too big: use --quick or --sizes")
     full_run = sizes is SIZES and ops == list(OPS)
     # a partial or quick GPU run must not overwrite the full grid's results; CPU results are never canonical
-    name = "norm" if full_run or device.type == "cpu" else "norm_partial"
+    if full_run or device.type == "cpu":
+        name = "norm"
+    elif sizes is SIZES and len(ops) == 1:
+        name = f"norm_{ops[0]}"  # one op's full grid: a device call each, neither overwriting the other
+    else:
+        name = "norm_partial"
 
     copy_tb_s = measure_copy_tb_s() if device.type == "cuda" else None
     if copy_tb_s is not None:
@@ -274,12 +282,12 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    add_ratios(rows)
-
-    save_results(name, {
-        "bytes": "fwd 4*N*H*2 (read x, residual; write y, h); fwd+bwd 8*N*H*2 (plus read dy, dh, h; write dx)",
-        "roofline_tb_s": COPY_TB_S, "copy_tb_s_measured": copy_tb_s, "dtype": "bfloat16", "results": rows,
-    }, device=device, packages=("liger_kernel", "llmfast"))
+            add_ratios(rows)
+            save_results(name, {
+                "bytes": "fwd 4*N*H*2 (read x, residual; write y, h); fwd+bwd 8*N*H*2 (plus read dy, dh, h; "
+                         "write dx)",
+                "roofline_tb_s": COPY_TB_S, "copy_tb_s_measured": copy_tb_s, "dtype": "bfloat16", "results": rows,
+            }, device=device, packages=("liger_kernel", "llmfast"))
     size_labels = [f"{n}x{h}" for n, h in sizes]
     panels = {}
     for op in ops:
