@@ -8,6 +8,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# engine_setup is both imported by the engine tests (constants, helpers) and their fixtures' plugin
+pytest.register_assert_rewrite("engine_setup")
+
 # The Triton interpreter must be switched on before any @triton.jit function is defined, so this
 # runs before the test modules (and through them the kernels) are imported.
 if not torch.cuda.is_available():

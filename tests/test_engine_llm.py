@@ -9,18 +9,9 @@ import pytest
 import torch
 
 from llmfast.engine import LLM, BeamSearchParams, SamplingParams
-from engine_setup import (  # fixtures too: pytest finds them by name
-    MAX_LEN,
-    FAMILIES,
-    PROMPT_LENGTHS,
-    MAX_TOKENS,
-    tokenizer,
-    checkpoints,
-    hf_greedy,
-    random_prompts,
-    GREEDY,
-    llama,
-)
+from engine_setup import FAMILIES, GREEDY, MAX_LEN, MAX_TOKENS, PROMPT_LENGTHS, hf_greedy, random_prompts
+
+pytest_plugins = ("engine_setup",)  # its fixtures: tokenizer, checkpoints, llama
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from llmfast.engine import LLM, SamplingParams
-from engine_setup import (  # fixtures too: pytest finds them by name
-    MAX_TOKENS,
-    tokenizer,
-    checkpoints,
-    hf_greedy,
-    random_prompts,
-    GREEDY,
-    llama,
-)
+from engine_setup import GREEDY, MAX_TOKENS, hf_greedy, random_prompts
+
+pytest_plugins = ("engine_setup",)  # its fixtures: tokenizer, checkpoints, llama
 
 transformers = pytest.importorskip("transformers")
 
