@@ -237,12 +237,10 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
 // The Python wrappers check all of this before calling; these checks keep a direct call of the ops, or a
 // torch.compile'd graph (whose index values Python cannot read while tracing), from reading or writing
 // out of bounds. Each is one pass over the index tensors, no more than the kernels read anyway.
-// Both caches are addressed with k_cache's strides: they must agree wherever the index can be nonzero (a
-// size-1 dim, such as MQA's one kv head, is never stepped along, so its stride may differ).
+// Both caches (of one shape, check_caches) are addressed with k_cache's strides: they must agree wherever
+// the index can be nonzero (a size-1 dim, such as MQA's one kv head, is never stepped along, so its stride
+// may differ).
 bool same_layout(const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  if (k_cache.sizes() != v_cache.sizes()) {
-    return false;
-  }
   for (int64_t d = 0; d < k_cache.dim(); ++d) {
     const bool unit = d == k_cache.dim() - 1;
     if (k_cache.size(d) > 1 && (k_cache.stride(d) != v_cache.stride(d) || (unit && k_cache.stride(d) != 1))) {
@@ -322,9 +320,9 @@ void write_kv_cache_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tens
                         const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && slot_mapping.is_contiguous(),
               "write_kv_cache_cpu: k, v and slot_mapping must be contiguous");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && same_layout(k_cache, v_cache),
-              "write_kv_cache_cpu: caches need unit head_dim stride and equal strides");
   check_write_args(k, v, k_cache, v_cache, slot_mapping);
+  TORCH_CHECK(same_layout(k_cache, v_cache),
+              "write_kv_cache_cpu: caches need unit head_dim stride and equal strides");
   const int64_t tokens = k.size(0), kv_heads = k.size(1), D = k.size(2), bs = k_cache.size(1);
   const int64_t s_block = k_cache.stride(0), s_slot = k_cache.stride(1), s_head = k_cache.stride(2);
   const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
@@ -355,9 +353,9 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
                                const std::optional<at::Tensor>& cu_seqlens_q, double softmax_scale) {
   TORCH_CHECK(q.is_contiguous() && block_tables.is_contiguous() && context_lens.is_contiguous(),
               "paged_attention_cpu: q, block_tables and context_lens must be contiguous");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && same_layout(k_cache, v_cache),
-              "paged_attention_cpu: caches need unit head_dim stride and equal strides");
   check_paged_args(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q);
+  TORCH_CHECK(same_layout(k_cache, v_cache),
+              "paged_attention_cpu: caches need unit head_dim stride and equal strides");
   const int64_t num_seqs = block_tables.size(0);
   PagedArgs a{q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), block_tables.size(1),
               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
