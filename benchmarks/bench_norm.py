@@ -13,6 +13,8 @@ Bytes counted per case, the same for every implementation (so TB/s ratios are ms
     fwd+bwd  8*N*H: the forward's, plus the backward reading dy, dh, h and writing dx (h = x + residual
              passes one gradient to both inputs, so dresidual is dx and is not counted again)
 weight, bias, their gradients and the per-row statistics (O(H) and O(N) bytes) are left out.
+The backward alone ("bwd TB/s") is fwd+bwd ms - fwd ms over 4*N*H*2 bytes; its target is the forward's
+TB/s at most 1.5x it ("fwd/bwd" <= 1.5).
 The backward gets fresh random gradients for both y and h, as in a transformer block where h feeds
 the next residual add.
 """
@@ -53,6 +55,7 @@ OPS = {
 OUR_BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpu", "reference")}
 FORWARD_ONLY = ("cuda", "cpu")
 ATOL, RTOL = 0.05, 0.02  # bf16: a correct kernel differs from eager by a rounding or two
+BWD_TARGET = 1.5  # BENCHMARKS.md: the backward within 1.5x of the forward's bytes per second
 PARAM_GRAD_REL_ERR = 0.02  # ||dw - dw_eager|| / ||dw_eager||: dw, db are sums over N rows
 
 
@@ -238,6 +241,20 @@ def add_ratios(rows: list[dict]) -> None:
                 row["vs_best_peer"] = best["ms"] / row["ms"]
 
 
+def add_backward_rates(rows: list[dict]) -> None:
+    """For our fwd+bwd rows: the backward alone (fwd+bwd ms - fwd ms, 4*N*H*2 bytes: read dy, dh, h;
+    write dx), its TB/s, and the target's ratio, the forward's TB/s over the backward's (<= 1.5)."""
+    fwd = {(r["op"], r["n"], r["hidden"], r["impl"]): r for r in rows if r["mode"] == "fwd" and r["ms"]}
+    for row in rows:
+        f = fwd.get((row["op"], row["n"], row["hidden"], row["impl"]))
+        if not (row["ours"] and row["mode"] == "fwd+bwd" and row["ms"] and f) or row["ms"] <= f["ms"]:
+            continue
+        row["bwd_ms"] = row["ms"] - f["ms"]
+        row["bwd_tb_s"] = tb_per_s(row["bytes"] // 2, row["bwd_ms"])
+        row["fwd_over_bwd_tb_s"] = f["tb_s"] / row["bwd_tb_s"]
+        row["meets_bwd_target"] = row["fwd_over_bwd_tb_s"] <= BWD_TARGET
+
+
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
     return parse_pairs(text, "NxH")
 
@@ -283,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             add_ratios(rows)
+            add_backward_rates(rows)
             save_results(name, {
                 "bytes": "fwd 4*N*H*2 (read x, residual; write y, h); fwd+bwd 8*N*H*2 (plus read dy, dh, h; "
                          "write dx)",
@@ -308,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         "ms": r["ms"], "TB/s": r["tb_s"],
         f"% of {COPY_TB_S} TB/s": None if r["roofline"] is None else 100 * r["roofline"],
         "x best peer": r.get("vs_best_peer") if r["ours"] else "",
-    } for r in table], ["op", "mode", "N x H", "impl", "ms", "TB/s", f"% of {COPY_TB_S} TB/s", "x best peer"])
+        "bwd TB/s": r.get("bwd_tb_s", ""), "fwd/bwd": r.get("fwd_over_bwd_tb_s", ""),
+    } for r in table], ["op", "mode", "N x H", "impl", "ms", "TB/s", f"% of {COPY_TB_S} TB/s", "x best peer",
+                        "bwd TB/s", "fwd/bwd"])
     return 0
 
 

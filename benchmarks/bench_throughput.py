@@ -1,6 +1,6 @@
 """End-to-end generation throughput of ``llmfast.LLM`` against Hugging Face transformers ``generate``.
 
-    python -m benchmarks.bench_throughput             # GPU: (a), (b), (c) -> results/h100_throughput.json, .png
+    python -m benchmarks.bench_throughput             # GPU: (a), (b), (c) -> results/{gpu}_throughput.json, .png
     python -m benchmarks.bench_throughput --parts b   # GPU: one part (-> {gpu}_throughput_b.*)
     python -m benchmarks.bench_throughput             # CPU: the small-model comparison -> results/cpu_throughput.*
     python -m benchmarks.bench_throughput --quick     # a tiny smoke run, results to a temp folder
