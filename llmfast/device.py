@@ -1,14 +1,18 @@
 """Which device a model runs on, checked before anything is allocated there."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
 def resolve_device(device: str | torch.device, name: str = "device") -> torch.device:
     """``"auto"`` (a CUDA GPU when one is visible, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, or a
-    torch.device of those; a ValueError naming ``name`` for anything else or for a GPU this machine lacks."""
+    torch.device of those; a ValueError naming ``name`` for anything else or for a GPU this machine lacks.
+    A GPU comes back with its index (``"cuda"``: the current one), so that work done later from another
+    thread, whose current GPU is 0, still goes to it (``on_device``)."""
     if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -19,4 +23,12 @@ def resolve_device(device: str | torch.device, name: str = "device") -> torch.de
         raise ValueError(f"{name}: {device} was asked for, but no CUDA GPU is available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"{name}: {device} was asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` the current GPU inside (a no-op on the CPU): Triton launches its kernels and
+    torch.cuda.graph captures on the current GPU, whatever device the tensors live on."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -75,6 +75,22 @@ def test_bf16_greedy_follows_hf_generate_until_a_near_tie(tmp_path, enforce_eage
     llm = LLM(tmp_path, device="cuda", enforce_eager=enforce_eager)
     prompts = random_prompts(PROMPT_LENGTHS)
     print(f"{generate_and_check(llm, prompts, peer, oracle)}/{len(prompts)} prompts gave HF's exact tokens")
+    graphs = llm.runner.graphs
+    assert (graphs is None) if enforce_eager else graphs.num_replays >= MAX_TOKENS - 1  # the decodes replayed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_default_kv_cache_stays_in_its_memory_share(tmp_path):
+    tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4)  # max_position_embeddings 256
+    free_before, total = torch.cuda.mem_get_info()
+    share = 0.3
+    llm = LLM(tmp_path, device="cuda", max_num_seqs=8, gpu_memory_utilization=share)
+    # a tiny model on a large GPU: capped at what 8 sequences of 256 tokens can use, not millions of blocks
+    assert llm.runner.num_kv_blocks == 8 * 256 // 16
+    assert llm.device == torch.device("cuda", torch.cuda.current_device())
+    used_by_us = free_before - torch.cuda.mem_get_info()[0]
+    assert used_by_us < share * total
 
 
 SCENARIOS = {  # engine arguments, prompts: each forces the path it names on a 16-token block

@@ -4,11 +4,14 @@ shared prefixes; generation-config defaults, min_tokens, logprobs, beam search, 
 checks (the text, stops and detokenisation: test_engine_text.py)."""
 import json
 import shutil
+import threading
+import traceback
 
 import pytest
 import torch
 
 from llmfast.engine import LLM, BeamSearchParams, SamplingParams
+from llmfast.ops._checks import trusted_index_values, values_readable
 from engine_setup import FAMILIES, GREEDY, MAX_LEN, MAX_TOKENS, PROMPT_LENGTHS, hf_greedy, random_prompts
 
 pytest_plugins = ("engine_setup",)  # its fixtures: tokenizer, checkpoints, llama
@@ -330,3 +333,47 @@ def test_stream_resumes_after_another_call_finished_its_request(llama):
     whole = llm.generate([[9, 8, 7]], GREEDY, use_tqdm=False)[0].outputs[0]
     assert first.token_ids + [t for p in rest for t in p.token_ids] == whole.token_ids
     assert rest[-1].finish_reason == "length"
+
+
+def test_trusted_index_values_read_nothing_back_and_keep_the_tokens(checkpoints, monkeypatch):
+    """The engine's eager path on a GPU, run here: the ops trust the runner's indices, so no check reads a
+    value back to the host (each read would be a device sync per layer), through chunked prefill,
+    preemption and decode, and the greedy tokens stay HF's. (The CPU's prefill runs the reference
+    attention, which reads cu_seqlens to loop over the sequences; a GPU runs the Triton kernel.)"""
+    folder, hf = checkpoints("llama")
+    llm = LLM(folder, block_size=4, num_kv_blocks=24, max_num_batched_tokens=7)
+    llm.runner.check_index_values = False  # as on CUDA
+    reads, trusted = [], []
+    for method in ("tolist", "item", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, method)
+
+        def recording(self, *args, _original=original, _method=method):
+            caller = next((f for f in reversed(traceback.extract_stack()) if "/llmfast/" in f.filename), None)
+            if not values_readable() and caller and not caller.name.endswith("_reference"):
+                reads.append(f"{_method} in {caller.name} ({caller.filename}:{caller.lineno})")
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, method, recording)
+    forward = llm.runner.model.forward
+
+    def spy(*args, **kwargs):
+        trusted.append(not values_readable())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llm.runner.model, "forward", spy)
+    prompts = random_prompts(PROMPT_LENGTHS, llm.vocab_size)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    monkeypatch.undo()
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p)[0] for p in prompts]
+    assert trusted and all(trusted) and llm.scheduler.num_preemptions > 0
+    assert reads == []
+
+
+def test_trusted_index_values_hold_on_their_own_thread_only():
+    seen = []
+    with trusted_index_values():
+        worker = threading.Thread(target=lambda: seen.append(values_readable()))
+        worker.start()
+        worker.join()
+        assert not values_readable()
+    assert values_readable() and seen == [True]

@@ -182,3 +182,10 @@ def test_beam_width_is_bounded_by_the_logprobs_each_step_reads():
     BeamSearchParams(beam_width=10, max_tokens=2)
     with pytest.raises(ValueError, match=r"beam_width: expected an int in \[1, 10\]"):
         BeamSearchParams(beam_width=11, max_tokens=2)
+
+
+def test_profile_samples_with_every_rule_and_leaves_the_generator_alone():
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    state = sampler.generator.get_state()
+    sampler.profile(torch.randn(8, VOCAB))
+    assert torch.equal(sampler.generator.get_state(), state)  # unseeded requests draw as if it never ran

@@ -66,6 +66,7 @@ class DecodeGraphs:
         # the model's dtype is the cache's (its linear layers may hold their weights in another form)
         self.hidden = torch.empty(max_batch, model.config.hidden_size, dtype=kv_caches[0][0].dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.num_replays = 0
         try:
             self._capture_all(graph_safe_kernels(device))
         except Exception as e:
@@ -126,4 +127,5 @@ class DecodeGraphs:
         self.context_lens[:batch] = torch.tensor(context_lens, dtype=torch.int32)
         self.context_lens[batch:size] = 1
         self.graphs[size].replay()
+        self.num_replays += 1
         return self.hidden[:batch]

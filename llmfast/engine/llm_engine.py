@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from llmfast.backends import resolve as resolve_backend
-from llmfast.device import resolve_device
+from llmfast.device import on_device, resolve_device
 from llmfast.engine.block_manager import BlockManager
 from llmfast.engine.detokenizer import Detokenizer, load_tokenizer
 from llmfast.engine.model_runner import QUANT_BITS, ModelRunner
@@ -82,10 +82,13 @@ class LLMEngine:
         self.device = resolve_device(device)
         for op in ENGINE_OPS + (("quant_matmul",) if quantization else ()):  # LLMFAST_BACKEND fails here, not mid-request
             resolve_backend(op, "auto", self.device)
-        self.runner = ModelRunner(model, dtype=dtype, device=self.device, quantization=quantization,
-                                  block_size=block_size, num_kv_blocks=num_kv_blocks,
-                                  gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
+        self.sampler = Sampler(self.device, seed)
+        with on_device(self.device):
+            self.runner = ModelRunner(model, dtype=dtype, device=self.device, quantization=quantization,
+                                      block_size=block_size, num_kv_blocks=num_kv_blocks,
+                                      gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
+                                      sampler=self.sampler)
         self.tokenizer = load_tokenizer(model)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = _eos_token_ids(Path(model), self.tokenizer)
@@ -95,7 +98,6 @@ class LLMEngine:
         self.max_model_len = min(self.runner.max_model_len, self.kv_capacity)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.sampler = Sampler(self.device, seed)
         self._request_ids = itertools.count()
 
     def encode(self, text: str, name: str, add_special_tokens: bool = True) -> list[int]:
@@ -132,6 +134,10 @@ class LLMEngine:
 
     def step(self) -> None:
         """Runs one scheduled forward, then samples the next token of each sequence it completed."""
+        with on_device(self.device):  # the server steps on a worker thread, whose current GPU is 0
+            self._step()
+
+    def _step(self) -> None:
         batch = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("the scheduler found nothing to run although requests are unfinished: "

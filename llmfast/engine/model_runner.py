@@ -2,6 +2,7 @@
 next-token logits of the sequences that reached their last token out. Owns the model and the KV cache."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,11 +11,13 @@ from torch import nn
 
 from llmfast.engine.cpu_linear import pack_linears
 from llmfast.engine.cuda_graphs import DecodeGraphs
+from llmfast.engine.sampler import Sampler
 from llmfast.engine.scheduler import ScheduledBatch
 from llmfast.engine.sequence import Sequence
 from llmfast.models import AttentionMetadata, load_model
 from llmfast.nn.quant_linear import QuantLinear
 from llmfast.nn.replace import replace_children
+from llmfast.ops._checks import trusted_index_values
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 CPU_KV_CACHE_BYTES = 4 << 30  # the most the KV cache takes on CPU without num_kv_blocks (API.md)
@@ -24,8 +27,11 @@ CPU_KV_CACHE_RAM_FRACTION = 0.3  # and at most this share of the RAM available w
 class ModelRunner:
     def __init__(self, path: str | Path, *, dtype, device: torch.device, quantization: str | None, block_size: int,
                  num_kv_blocks: int | None, gpu_memory_utilization: float, max_num_seqs: int,
-                 max_num_batched_tokens: int, enforce_eager: bool = False):
+                 max_num_batched_tokens: int, enforce_eager: bool = False, sampler: Sampler | None = None):
         self.device, self.block_size = device, block_size
+        # On CUDA the ops trust the indices this runner builds from its block manager: their value checks
+        # would sync with the host a few times per layer. The CPU keeps them (no syncs; tests catch bugs).
+        self.check_index_values = device.type == "cpu"
         self.model = load_model(path, dtype=dtype, device=device)
         if not hasattr(self.model, "compute_logits"):
             raise ValueError(f"model: {type(self.model).__name__} is not a decoder; the engine generates text "
@@ -44,7 +50,7 @@ class ModelRunner:
             f"the model's sliding window {window} (llmfast's attention has no sliding-window mask)"
             if window and window < cfg.max_position_embeddings else f"the model's maximum length {self.max_model_len}")
         self.num_kv_blocks = num_kv_blocks or self._default_num_blocks(
-            gpu_memory_utilization, max_num_seqs, max_num_batched_tokens)
+            gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, sampler)
         # one tensor (2, layers, blocks, block_size, kv_heads, head_dim); each layer gets views of it. On CPU
         # it stays uninitialised (no page is touched before it is used): only written slots are ever read.
         shape = (2, cfg.num_layers, self.num_kv_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -63,24 +69,26 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
-    def _default_num_blocks(self, gpu_memory_utilization: float, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    def _default_num_blocks(self, gpu_memory_utilization: float, max_num_seqs: int, max_num_batched_tokens: int,
+                            sampler: Sampler | None) -> int:
         if self.device.type == "cuda":
-            budget = self._cuda_kv_budget(gpu_memory_utilization, max_num_seqs, max_num_batched_tokens)
-            num_blocks = budget // self._block_bytes()
-            if num_blocks < 1:
+            budget = self._cuda_kv_budget(gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, sampler)
+            if budget < self._block_bytes():
                 raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} leaves no memory for the KV "
                                  "cache after the weights and activations; raise it or lower max_num_batched_tokens")
-            return num_blocks
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        budget = min(CPU_KV_CACHE_BYTES, int(available * CPU_KV_CACHE_RAM_FRACTION))
-        # no more than every running sequence at full length can use
+        else:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            budget = min(CPU_KV_CACHE_BYTES, int(available * CPU_KV_CACHE_RAM_FRACTION))
+        # no more than every running sequence at full length can use (a small model on a large GPU would
+        # otherwise get millions of blocks, each a Python object in the block manager)
         useful = max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(budget // self._block_bytes(), useful))
 
-    def _cuda_kv_budget(self, gpu_memory_utilization: float, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    def _cuda_kv_budget(self, gpu_memory_utilization: float, max_num_seqs: int, max_num_batched_tokens: int,
+                        sampler: Sampler | None) -> int:
         """Bytes left for the KV cache: the utilisation share of the GPU, minus what is in use and the peak
-        activations of a step of max_num_batched_tokens tokens sampling max_num_seqs of them (nano-vllm's
-        profile run)."""
+        of a step of max_num_batched_tokens tokens sampling max_num_seqs of them (nano-vllm's profile run;
+        the sampler with every rule on, as vLLM's)."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = min(max_num_batched_tokens, 1 << 16)
@@ -90,7 +98,14 @@ class ModelRunner:
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         with torch.inference_mode():
             hidden = self.model(ids, positions, AttentionMetadata.prefill(lengths, self.device))
-            self.model.compute_logits(hidden[:max_num_seqs])
+            logits = self.model.compute_logits(hidden[:max_num_seqs])
+            del hidden
+            if sampler is not None:
+                sampler.profile(logits)
+            del logits
+        # give the step's blocks back to the GPU: mem_get_info would count them in use, and the peak again
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         stats = torch.cuda.memory_stats(self.device)
         current, peak = stats["allocated_bytes.all.current"], stats["allocated_bytes.all.peak"]
@@ -120,7 +135,8 @@ class ModelRunner:
             hidden = self.graphs.run(ids, positions, slots, block_tables, context_lens)  # (tokens, hidden)
         else:
             meta = self._metadata(batch, slots, block_tables, context_lens, counts)
-            hidden = self.model(tensor(ids), tensor(positions), meta, self.kv_caches)  # (tokens, hidden)
+            with contextlib.nullcontext() if self.check_index_values else trusted_index_values():
+                hidden = self.model(tensor(ids), tensor(positions), meta, self.kv_caches)  # (tokens, hidden)
         if not sampled:
             return None, []
         if len(sample_rows) == len(ids):  # decode: every row is sampled

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from llmfast.engine.outputs import Logprob
+from llmfast.engine.sampling_params import SamplingParams
 from llmfast.engine.sequence import Sequence
+
+# every rule on at once: the sampler's largest working set, for the engine's memory profile
+PROFILE_PARAMS = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                                presence_penalty=0.1, frequency_penalty=0.1, logprobs=20)
 
 
 @dataclass
@@ -45,6 +50,14 @@ class Sampler:
         sampled = raw_logprobs.gather(1, tokens[:, None])[:, 0]  # (num_seqs,)
         top = self._top_logprobs(raw_logprobs, tokens, sampled, params)
         return SamplerOutput(tokens.tolist(), sampled.tolist(), top)
+
+    def profile(self, logits: torch.Tensor) -> None:
+        """Samples ``logits (rows, vocab)`` once with every rule on, so that a memory profile around this call
+        sees the sampler's largest working set; the shared generator is left as it was."""
+        seqs = [Sequence("profile", 0, [0], PROFILE_PARAMS) for _ in range(logits.shape[0])]
+        state = self.generator.get_state()
+        self(logits, seqs, set())
+        self.generator.set_state(state)
 
     def _penalize(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
         num_seqs, vocab = logits.shape

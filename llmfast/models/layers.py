@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from llmfast.models.metadata import AttentionMetadata
 from llmfast.ops import attention, paged_attention, write_kv_cache
+from llmfast.ops._checks import values_readable
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim)
 
@@ -105,9 +106,9 @@ def check_embedding_indices(**bounded: tuple[torch.Tensor | None, int]) -> None:
     """Each ``name=(tensor, table_size)``: an integer tensor with values in ``[0, table_size)``, or None.
 
     A lookup past an embedding table is an IndexError on the CPU and a device-side assert on CUDA, which
-    ends the process's CUDA context. One host read for all of them; skipped while a CUDA graph is captured
-    or torch.compile traces (the engine bounds what it feeds then: token ids by the vocabulary, positions by
-    its max_model_len)."""
+    ends the process's CUDA context. One host read for all of them; skipped while a CUDA graph is captured,
+    torch.compile traces or ``trusted_index_values`` is on (the engine bounds what it feeds then: token ids
+    by the vocabulary, positions by its max_model_len)."""
     checked = []
     for name, (tensor, size) in bounded.items():
         if tensor is None:
@@ -117,7 +118,7 @@ def check_embedding_indices(**bounded: tuple[torch.Tensor | None, int]) -> None:
         if tensor.numel():
             checked.append((name, tensor, size))
     capturing = bool(checked) and checked[0][1].is_cuda and torch.cuda.is_current_stream_capturing()
-    if not checked or capturing or torch.compiler.is_compiling():
+    if not checked or capturing or not values_readable():
         return
     extremes = torch.stack([v.long() for _, t, _ in checked for v in torch.aminmax(t)]).tolist()
     for i, (name, _, size) in enumerate(checked):

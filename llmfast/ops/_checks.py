@@ -1,8 +1,10 @@
 """Input validation shared by every op: each check names the argument and says what was expected."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 import torch
 
@@ -83,10 +85,27 @@ def check_heads(q_name: str, q_heads: int, kv_name: str, kv_heads: int) -> None:
         )
 
 
+_trusted = threading.local()
+
+
 def values_readable() -> bool:
     """Whether checks may read tensor values back to the host. Not while torch.compile traces: its fake
-    tensors have no values, so only dtypes and shapes are checked then (flash-attn checks no more)."""
-    return not torch.compiler.is_compiling()
+    tensors have no values, so only dtypes and shapes are checked then (flash-attn checks no more); nor
+    inside ``trusted_index_values``."""
+    return not torch.compiler.is_compiling() and not getattr(_trusted, "active", False)
+
+
+@contextlib.contextmanager
+def trusted_index_values() -> Iterator[None]:
+    """On this thread, inside: the ops check dtypes and shapes only, not index values (slots, block ids,
+    context lengths, cu_seqlens, token ids), as under torch.compile. For a caller that built the indices
+    itself, like the engine on a GPU, where each value check is a host sync per layer."""
+    before = getattr(_trusted, "active", False)
+    _trusted.active = True
+    try:
+        yield
+    finally:
+        _trusted.active = before
 
 
 def check_traced_max_seqlen(name: str, value: object, cu_name: str) -> int:
