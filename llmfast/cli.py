@@ -31,7 +31,7 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _fail(command: str, exc: BaseException) -> int:
+def _fail(command: str, exc: BaseException | str) -> int:
     print(f"llmfast {command}: error: {exc}", file=sys.stderr)
     return 2
 
@@ -134,12 +134,17 @@ def _eval_ppl(args: argparse.Namespace) -> int:
 
     try:
         try:
-            text = Path(args.file).read_text(encoding="utf-8")
+            text = Path(args.file).read_text(encoding="utf-8-sig")  # a byte-order mark is not text
         except UnicodeDecodeError as exc:
             raise ValueError(f"--file: {args.file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         ppl = perplexity(args.model, text, args.stride, args.max_length, dtype=args.dtype, device=args.device)
     except (OSError, ValueError, BackendUnavailable) as exc:
         return _fail("eval ppl", exc)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(exc, MemoryError) and "memory" not in str(exc):
+            raise
+        window = f"{args.max_length} tokens" if args.max_length else "the model's maximum length"
+        return _fail("eval ppl", f"out of memory with windows of {window}; pass a smaller --max-length")
     print(f"{ppl:.6f}")
     return 0
 
@@ -186,10 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = metrics.add_parser("ppl", help="perplexity of a text file, sliding window; prints the number")
     ppl.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer)")
     ppl.add_argument("--file", required=True, help="UTF-8 text file to score")
-    ppl.add_argument("--max-length", type=int, default=None, help="window length (default: the model's maximum)")
-    ppl.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
+    ppl.add_argument("--max-length", type=_positive_int, default=None,
+                     help="window length (default: the model's maximum length)")
+    ppl.add_argument("--stride", type=_positive_int, default=None, help="window step (default: half the window)")
     ppl.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (the checkpoint's)")
-    ppl.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    ppl.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu or cuda")
     ppl.set_defaults(run=_eval_ppl)
     return parser
 

@@ -36,7 +36,7 @@ def perplexity(
     max_length: int | None = None,
     *,
     dtype: torch.dtype | str = "auto",
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "auto",
 ) -> float:
     """``exp`` of the mean negative log-likelihood of ``text``'s tokens under the causal LM in ``model_dir``.
 
@@ -46,14 +46,25 @@ def perplexity(
     ``max_length`` defaults to the most positions the model reads (``max_position_embeddings``, or a smaller
     ``sliding_window``), ``stride`` to half of it. The model is ``load_model(model_dir, dtype=dtype,
     device=device)``.
+
+    The mean is over the tokens actually scored: each window's loss weighs as many tokens as it scored
+    (the snippet in transformers' docs weighs one fewer per window, which is not the mean loss), and a
+    last window with a single token, which scores nothing, adds nothing (the snippet's loss is NaN there).
+    A mean NLL too large for ``exp`` gives ``inf``; a non-finite NLL (overflowing half-precision logits)
+    is a ValueError.
     """
+    for name, value in (("stride", stride), ("max_length", max_length)):
+        check_positive_int(name, value, allow_none=True)
+    if stride is not None and max_length is not None and stride > max_length:
+        raise ValueError(f"stride: expected at most max_length ({max_length}), so that no token is skipped, "
+                         f"got {stride}")
     model = load_model(model_dir, dtype=dtype, device=device)
     if not hasattr(model, "compute_logits"):
         raise ValueError(f"model_dir: {type(model).__name__} is not a causal language model; perplexity needs one")
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise ValueError(f"model_dir: {model_dir} has no tokenizer files; the text is tokenized with the checkpoint's")
-    token_ids = tokenizer(text)["input_ids"]
+    token_ids = tokenizer(text, verbose=False)["input_ids"]  # no warning that the text outgrows the model
     longest = model.config.max_position_embeddings
     if getattr(model.config, "sliding_window", None) is not None:  # llmfast's attention has no sliding-window mask
         longest = min(longest, model.config.sliding_window)
@@ -73,7 +84,13 @@ def perplexity(
     if len(token_ids) < 2:
         raise ValueError(f"text: expected at least 2 tokens (the first one is never scored), got {len(token_ids)}")
     nll, count = _negative_log_likelihood(model, token_ids, sliding_windows(len(token_ids), stride, max_length))
-    return math.exp(nll / count)
+    if not math.isfinite(nll):
+        raise ValueError(f"model_dir: the log-likelihood is not finite ({nll}); in float16 or bfloat16 the logits "
+                         "may overflow: try dtype float32")
+    try:
+        return math.exp(nll / count)
+    except OverflowError:  # a mean NLL above ~709 nats
+        return math.inf
 
 
 def _batches(windows: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:

@@ -1,5 +1,6 @@
 """llmfast.eval.perplexity against Hugging Face transformers: a tiny random checkpoint with a tiny word-level
 tokenizer, both built offline; exp(HF's mean loss) over the same sliding windows, to 1e-4 relative."""
+import contextlib
 import math
 import os
 import shutil
@@ -61,23 +62,37 @@ def checkpoint(request, tmp_path_factory):
 
 
 def hf_perplexity(hf, token_ids, stride, max_length):
-    """exp of HF's losses over the recipe's windows, each weighted by the number of tokens it scored."""
-    nll, count = 0.0, 0
-    for begin, end, first in sliding_windows(len(token_ids), stride, max_length):
+    """exp of HF's mean loss over the windows of transformers' perplexity recipe, written out as its docs do
+    (not taken from llmfast): a window of max_length starts every stride tokens and labels only the tokens
+    after the previous window's end. Each window's loss weighs the tokens it scored (the docs' snippet
+    weighs one fewer, which is not the mean loss); a window that scores nothing (its loss is NaN) adds
+    nothing."""
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(token_ids), stride):
+        end = min(begin + max_length, len(token_ids))
+        new_tokens = end - prev_end
         input_ids = torch.tensor(token_ids[begin:end])[None]
         labels = input_ids.clone()
-        labels[:, : first - begin] = -100
+        labels[:, :-new_tokens] = -100
         scored = int((labels[:, 1:] != -100).sum())  # the model shifts the labels by one
-        with torch.no_grad():
-            nll += hf(input_ids=input_ids, labels=labels).loss.item() * scored
+        if scored:
+            with torch.no_grad():
+                nll += hf(input_ids=input_ids, labels=labels).loss.item() * scored
         count += scored
+        prev_end = end
+        if end == len(token_ids):
+            break
     return math.exp(nll / count)
+
+
+def tokens_of(folder, text=TEXT):
+    return transformers.AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
 
 
 @pytest.mark.parametrize("stride,max_length", [(8, 16), (16, 16), (5, 32), (1, 3)])
 def test_perplexity_matches_hf(checkpoint, stride, max_length):
     folder, hf = checkpoint
-    token_ids = transformers.AutoTokenizer.from_pretrained(folder)(TEXT)["input_ids"]
+    token_ids = tokens_of(folder)
     assert token_ids[0] == 1 and len(token_ids) == 1 + len(TEXT.split())
     expected = hf_perplexity(hf, token_ids, stride, max_length)
     assert perplexity(folder, TEXT, stride, max_length) == pytest.approx(expected, rel=1e-4)
@@ -146,3 +161,80 @@ def test_cli_reports_bad_arguments(checkpoint, tmp_path, capsys):
     for device in ("tpu", "cuda:99"):  # a device no machine here has ends cleanly too
         assert cli.main(["eval", "ppl", "--model", str(folder), "--file", str(text_file), "--device", device]) == 2
         assert "device" in capsys.readouterr().err
+
+
+def test_defaults_are_the_whole_model_length_and_half_of_it(checkpoint):
+    folder, hf = checkpoint  # max_position_embeddings / n_positions 32
+    assert perplexity(folder, TEXT) == pytest.approx(hf_perplexity(hf, tokens_of(folder), 16, 32), rel=1e-4)
+
+
+@pytest.mark.parametrize("checkpoint", ["llama"], indirect=True)
+def test_a_last_window_of_one_token_scores_nothing(checkpoint):
+    folder, hf = checkpoint
+    text = " ".join(TEXT.split()[:32])  # [BOS] + 32 words: windows of 32, then one of the last token alone
+    token_ids = tokens_of(folder, text)
+    assert len(token_ids) == 33
+    assert perplexity(folder, text, 32, 32) == pytest.approx(hf_perplexity(hf, token_ids, 32, 32), rel=1e-4)
+
+
+def test_a_sliding_window_bounds_the_default_window(tmp_path):
+    config = transformers.AutoConfig.for_model(
+        model_type="mistral", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=20, bos_token_id=1)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(tmp_path)
+    save_tokenizer(tmp_path)
+    expected = hf_perplexity(hf, tokens_of(tmp_path), 10, 20)
+    assert perplexity(tmp_path, TEXT) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="max_length: the model reads at most 20"):
+        perplexity(tmp_path, TEXT, 10, 21)
+
+
+@pytest.mark.parametrize("checkpoint", ["llama"], indirect=True)
+def test_a_huge_mean_loss_is_inf_and_a_non_finite_one_an_error(checkpoint, monkeypatch):
+    folder, _ = checkpoint
+    monkeypatch.setattr(llmfast_eval, "_negative_log_likelihood", lambda model, ids, windows: (800.0 * 88, 88))
+    assert perplexity(folder, TEXT, 8, 16) == math.inf
+    monkeypatch.setattr(llmfast_eval, "_negative_log_likelihood", lambda model, ids, windows: (math.nan, 88))
+    with pytest.raises(ValueError, match="not finite.*try dtype float32"):
+        perplexity(folder, TEXT, 8, 16)
+
+
+@pytest.mark.parametrize("checkpoint", ["llama"], indirect=True)
+def test_cli_checks_windows_before_loading_and_reads_past_a_bom(checkpoint, tmp_path, capsys, monkeypatch):
+    folder, _ = checkpoint
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("\ufeff" + TEXT, encoding="utf-8")
+    assert cli.main(["eval", "ppl", "--model", str(folder), "--file", str(text_file), "--stride", "8",
+                     "--max-length", "16"]) == 0
+    assert float(capsys.readouterr().out) == pytest.approx(perplexity(folder, TEXT, 8, 16), rel=1e-6)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the windows were checked")
+
+    monkeypatch.setattr(llmfast_eval, "load_model", no_loading)
+    for args, message in ((["--stride", "0"], "--stride: expected a positive int"),
+                          (["--stride", "9", "--max-length", "8"], "stride: expected at most max_length (8)")):
+        with pytest.raises(SystemExit) if args[1] == "0" else contextlib.nullcontext():
+            code = cli.main(["eval", "ppl", "--model", str(folder), "--file", str(text_file), *args])
+            assert code == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("checkpoint", ["llama"], indirect=True)
+def test_cli_turns_out_of_memory_into_advice(checkpoint, tmp_path, capsys, monkeypatch):
+    folder, _ = checkpoint
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 GiB")
+
+    monkeypatch.setattr(llmfast_eval, "_negative_log_likelihood", out_of_memory)
+    assert cli.main(["eval", "ppl", "--model", str(folder), "--file", str(text_file)]) == 2
+    assert "out of memory with windows of the model's maximum length; pass a smaller --max-length" \
+        in capsys.readouterr().err

@@ -54,11 +54,14 @@ __device__ float block_sum(float v, float* scratch) {
 // set; weight, bias: (n,) or null. n % kVec == 0 and every pointer is aligned to its Pack.
 // Thread t owns vectors t, t + blockDim.x, ... in every pass, so it only ever re-reads the h values it
 // wrote itself (to h_out or the shared cache), and no barrier is needed between the passes for them.
+// x and residual are not __restrict__: passes 2 and 3 re-read h through h_src, which is x or h_out, and
+// __restrict__ would let the compiler load it through the read-only cache, which need not see this
+// kernel's own writes to h_out.
 template <typename scalar_t, int kVec, bool kCached>
-__global__ void add_norm_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
-                                    const float* __restrict__ weight, const float* __restrict__ bias,
-                                    scalar_t* __restrict__ y, scalar_t* h_out, int n, float eps,
-                                    bool is_rms) {
+__global__ void __launch_bounds__(kMaxThreads)
+    add_norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const float* __restrict__ weight,
+                        const float* __restrict__ bias, scalar_t* __restrict__ y, scalar_t* h_out, int n,
+                        float eps, bool is_rms) {
   using VecT = Pack<scalar_t, kVec>;
   using VecF = Pack<float, kVec>;
   // (kVec, n / kVec) when kCached: element k of vector i at k * n_vec + i, so that a warp's 32

@@ -295,8 +295,11 @@ void check_cache(const char* op, const char* name, const at::Tensor& cache, cons
               cache.sizes());
   TORCH_CHECK(cache.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type(),
               ", got ", cache.scalar_type());
-  TORCH_CHECK(cache.stride(3) == 1, op, ": ", name, " must have unit head_dim stride, got strides ",
-              cache.strides());
+  // a size-1 head_dim may have any stride (torch calls such a tensor contiguous)
+  TORCH_CHECK(cache.size(3) == 1 || cache.stride(3) == 1, op, ": ", name,
+              " must have unit head_dim stride, got strides ", cache.strides());
+  TORCH_CHECK(cache.size(1) > 0 && cache.size(2) > 0, op, ": ", name,
+              " must have block_size and kv_heads above 0, got ", cache.sizes());
 }
 
 void write_kv_cache_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -372,7 +375,7 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   const int kv_heads = static_cast<int>(k_cache.size(2));
   TORCH_CHECK(k_cache.size(3) == head_dim && head_dim <= kMaxHeadDim, op, ": head_dim must match q and be <= ",
               kMaxHeadDim, ", got ", k_cache.sizes());
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, op, ": q's heads (", heads,
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, op, ": q's heads (", heads,
               ") must be a multiple of the caches' kv_heads (", kv_heads, ")");
   for (const at::Tensor* t : {&block_tables, &context_lens}) {
     TORCH_CHECK(t->device() == q.device() && t->scalar_type() == at::kInt && t->is_contiguous(), op,
@@ -427,8 +430,8 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
     p.part_max = part_max.mutable_data_ptr<float>();
     p.part_sum = part_sum.mutable_data_ptr<float>();
   }
-  TORCH_CHECK(tiles * p.num_splits <= INT32_MAX && head_chunks <= 65535, op, ": too many queries, got q ",
-              q.sizes());
+  TORCH_CHECK(tiles * p.num_splits <= INT32_MAX && head_chunks <= 65535 && kv_heads <= 65535 &&
+                  total_q * heads <= INT32_MAX, op, ": too many queries or heads, got q ", q.sizes());
   const dim3 grid(static_cast<unsigned>(tiles * p.num_splits), static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(head_chunks));
   const size_t smem = sizeof(float) * (kRows * head_dim + p.tile_keys * (head_dim + 1) + kRows * p.tile_keys);

@@ -93,7 +93,7 @@ for _device in ("cpu", "cuda"):
 
 def _cxx_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the C++ kernels can address the caches: unit head_dim stride, both strided alike."""
-    return k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+    return (k_cache.size(3) == 1 or k_cache.stride(3) == 1) and k_cache.stride() == v_cache.stride()
 
 
 @torch.library.custom_op(
