@@ -18,6 +18,7 @@
 # Carried wheels in .whl/ (e.g. liger_kernel, pytest) are installed to /tmp/site first.
 set -o pipefail
 export PYTHONUNBUFFERED=1
+export LLMFAST_REQUIRE_IMPORTS=1  # tests/conftest.py: a test skipped for a missing package (transformers?) fails
 OUT=${OUT:-/tmp/gpu_check_out}
 LOGS=$(mktemp -d)
 mkdir -p "$OUT" "$LOGS/logs" "$LOGS/results"
