@@ -4,6 +4,7 @@ eager fallback) against the eager engine.
 On CPU the replay logic runs with a stand-in for capture: each "graph" re-runs the captured forward on the
 static buffers with the raw backend kernels, as a real replay would. The `gpu` tests capture real graphs.
 """
+import copy
 import os
 
 import pytest
@@ -42,6 +43,22 @@ def mixed_requests(num, vocab, seed=0, max_tokens=24):
     output_lens = torch.randint(1, max_tokens + 1, (num,), generator=g)
     prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in prompt_lens]
     return prompts, [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True) for n in output_lens]
+
+
+def assert_equal_but_near_ties(prompts, got, expected, hf):
+    """Graph replays multiply padded batches (16 rows where eager has 13), and cuBLAS may round those
+    differently, so bf16 greedy tokens may part after a near tie: where ``got`` parts from ``expected``,
+    both must be near-best under the float32 oracle (test_engine_gpu's 2x rule), and most must agree."""
+    from test_engine_gpu import check_greedy_against_hf
+
+    peer = hf.cuda().eval()
+    oracle = copy.deepcopy(hf).float().cpu()
+    for prompt, ours, theirs in zip(prompts, got, expected):
+        assert len(ours) == len(theirs)
+        if ours != theirs:
+            check_greedy_against_hf(prompt, ours, theirs, oracle, peer)
+    same = sum(a == b for a, b in zip(got, expected))
+    assert same >= 0.8 * len(prompts), f"only {same} of {len(prompts)} requests gave the eager tokens"
 
 
 def record_replays(graphs: DecodeGraphs) -> list[int]:
@@ -124,7 +141,7 @@ def test_sequences_past_the_captured_block_table_width_decode_eagerly(tmp_path, 
 @pytest.mark.gpu
 @GPU
 def test_graphs_and_eager_give_the_same_greedy_tokens_in_bf16(tmp_path):
-    tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4)
+    hf = tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4)
     prompts, params = mixed_requests(40, 384)
     eager = LLM(tmp_path, device="cuda", max_num_seqs=48, num_kv_blocks=512, enforce_eager=True)
     expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
@@ -133,7 +150,7 @@ def test_graphs_and_eager_give_the_same_greedy_tokens_in_bf16(tmp_path):
     assert llm.runner.graphs is not None and sorted(llm.runner.graphs.graphs) == [1, 2, 4, 8, 16, 32, 48]
     replayed = record_replays(llm.runner.graphs)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert got == expected
+    assert_equal_but_near_ties(prompts, got, expected, hf)
     assert set(replayed) - set(llm.runner.graphs.graphs), "no batch size outside the capture set was replayed"
     assert len(set(replayed)) >= 5, f"continuous batching should cross several graph sizes: {sorted(set(replayed))}"
 
@@ -157,14 +174,14 @@ def stream_interleaved(llm, prompts, params):
 @pytest.mark.gpu
 @GPU
 def test_graphs_serve_requests_joining_a_running_batch(tmp_path):
-    tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4)
+    hf = tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4)
     prompts, params = mixed_requests(24, 384, seed=1)
     eager = LLM(tmp_path, device="cuda", max_num_seqs=32, num_kv_blocks=256, enforce_eager=True)
     expected = stream_interleaved(eager, prompts, params)
     del eager
     llm = LLM(tmp_path, device="cuda", max_num_seqs=32, num_kv_blocks=256)
     replayed = record_replays(llm.runner.graphs)
-    assert stream_interleaved(llm, prompts, params) == expected
+    assert_equal_but_near_ties(prompts, stream_interleaved(llm, prompts, params), expected, hf)
     assert len(set(replayed)) >= 3, f"graph sizes replayed: {sorted(set(replayed))}"
 
 
