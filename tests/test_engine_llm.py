@@ -307,6 +307,32 @@ def test_a_failed_step_leaves_no_uncomputed_block_in_the_prefix_cache(llama, mon
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p)[0] for p in prompts]
 
 
+def test_a_failed_sampling_puts_its_batch_back_to_be_recomputed(llama, monkeypatch):
+    llm, hf = llama
+    prompt = random_prompts([7], llm.vocab_size, seed=13)[0]
+    real_sampler = llm.sampler
+    calls = []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the first decode step
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_sampler(*args)
+
+    monkeypatch.setattr(llm, "sampler", fails_once)
+    seq, = llm.add_request(None, prompt, GREEDY)
+    failures = 0
+    for _ in range(4 * MAX_TOKENS):
+        if not llm.scheduler.has_unfinished():
+            break
+        try:
+            llm.step()
+        except RuntimeError:
+            failures += 1
+            assert seq.num_computed_tokens == 0 and llm.block_manager.num_free_blocks == llm.runner.num_kv_blocks
+    assert failures == 1 and seq.output_token_ids == hf_greedy(hf, prompt)[0]
+
+
 def test_an_interrupt_while_queueing_leaves_nothing_queued(llama, monkeypatch):
     llm, _ = llama
     real_add = llm.add_request

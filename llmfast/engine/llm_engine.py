@@ -142,15 +142,15 @@ class LLMEngine:
         if not batch:
             raise RuntimeError("the scheduler found nothing to run although requests are unfinished: "
                                f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running")
-        try:
+        try:  # the sampler too: on a GPU an asynchronous error surfaces at its first sync
             logits, sampled = self.runner.run(batch)
+            out = self.sampler(logits, sampled, self.eos_token_ids) if sampled else None
         except BaseException:
             self.scheduler.requeue(batch)
             raise
         for seq, num_new in batch:
             seq.num_computed_tokens += num_new
         if sampled:
-            out = self.sampler(logits, sampled, self.eos_token_ids)
             for seq, token, logprob, top in zip(sampled, out.token_ids, out.logprobs, out.top_logprobs):
                 if top is not None:
                     for token_id, entry in top.items():
