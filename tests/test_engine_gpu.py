@@ -81,16 +81,28 @@ def test_bf16_greedy_follows_hf_generate_until_a_near_tie(tmp_path, enforce_eage
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_default_kv_cache_stays_in_its_memory_share(tmp_path):
-    tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4)  # max_position_embeddings 256
-    free_before, total = torch.cuda.mem_get_info()
-    share = 0.3
-    llm = LLM(tmp_path, device="cuda", max_num_seqs=8, gpu_memory_utilization=share)
-    # a tiny model on a large GPU: capped at what 8 sequences of 256 tokens can use, not millions of blocks
-    assert llm.runner.num_kv_blocks == 8 * 256 // 16
+def test_default_kv_cache_fills_its_memory_share_and_no_more(tmp_path):
+    config = transformers.AutoConfig.for_model(
+        model_type="llama", vocab_size=384, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20)  # no cap from lengths
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    free, total = torch.cuda.mem_get_info()
+    in_use_before, share = total - free, 0.05
+    llm = LLM(tmp_path, device="cuda", gpu_memory_utilization=share, enforce_eager=True)
     assert llm.device == torch.device("cuda", torch.cuda.current_device())
-    used_by_us = free_before - torch.cuda.mem_get_info()[0]
-    assert used_by_us < share * total
+    cache_bytes = llm.runner.kv_cache.numel() * llm.runner.kv_cache.element_size()
+    in_use = total - torch.cuda.mem_get_info()[0]
+    assert in_use <= share * total, f"{in_use / 2**30:.2f} GiB in use, more than {share} of {total / 2**30:.0f} GiB"
+    assert cache_bytes >= 0.8 * (share * total - in_use_before), "the cache leaves most of its share unused"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_default_kv_cache_of_a_short_model_is_capped(tmp_path):
+    tiny_llama(tmp_path, torch.bfloat16, hidden=256, layers=4)  # max_position_embeddings 256
+    llm = LLM(tmp_path, device="cuda", max_num_seqs=8)
+    # what 8 sequences of 256 tokens can use, not millions of blocks of a tiny model on a large GPU
+    assert llm.runner.num_kv_blocks == 8 * 256 // 16
 
 
 SCENARIOS = {  # engine arguments, prompts: each forces the path it names on a 16-token block
