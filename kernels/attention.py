@@ -67,28 +67,30 @@ def autotuned(kernel, configs, key, tiles, tma_configs=()):
 
 
 def fits_shared_memory(tiles):
-    """early_config_prune: drop the configs whose 16-bit tiles need more shared memory than the GPU gives
-    one block; they would compile, then fail to load. ``tiles(BLOCK_M, BLOCK_N)`` is (rows held once,
-    rows streamed through num_stages buffers of K and V, or of Q and dO), each BLOCK_D wide. Compiled for
+    """early_config_prune: drop the configs whose tiles need more shared memory than the GPU gives one
+    block; they would compile, then fail to load. ``tiles(BLOCK_M, BLOCK_N)`` is (rows held once, rows
+    streamed through num_stages buffers of K and V, or of Q and dO), each BLOCK_D wide. Compiled for
     sm_90 (tests/compile_kernels.py), the 16-bit configs got exactly these bytes or a little more (less
-    only for small tiles, far under any limit), and each config this drops was over the limit; fp32
-    tiles are laid out otherwise and are not pruned. What is left then goes through ``tuning.limit``."""
+    only for small tiles, far under any limit), and each config this drops was over the limit. fp32
+    tiles are laid out otherwise; at 4 bytes an element the estimate was above what they got (295-393 KB
+    against 393 KB at head dim 256, 164 KB against 197 KB at 128), and without it an fp32 backward at
+    head dim 128 kept only configs over the limit. What is left then goes through ``tuning.limit``."""
     def prune(configs, named_args, **meta):
         q = named_args["Q"]
         limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", None)
-        if q.element_size() != 2 or limit is None:
+        if limit is None:
             return tuning.limit(configs)
 
         kept = [c for c in configs if tile_bytes(tiles, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
-                                                 meta["BLOCK_D"]) <= limit]
+                                                 meta["BLOCK_D"], q.element_size()) <= limit]
         return tuning.limit(kept or configs[-1:])
     return prune
 
 
-def tile_bytes(tiles, block_m: int, block_n: int, num_stages: int, block_d: int) -> int:
-    """Shared memory of one config's 16-bit tiles, as fits_shared_memory estimates it."""
+def tile_bytes(tiles, block_m: int, block_n: int, num_stages: int, block_d: int, element_size: int = 2) -> int:
+    """Shared memory of one config's tiles, as fits_shared_memory estimates it."""
     held, streamed = tiles(block_m, block_n)
-    return 2 * block_d * (held + num_stages * 2 * streamed)
+    return element_size * block_d * (held + num_stages * 2 * streamed)
 
 
 def set_tma_block_shapes(args: dict) -> None:

@@ -2,7 +2,7 @@
 import pytest
 import triton
 
-from llmfast_kernels import attention, quant_matmul, tuning
+from llmfast_kernels import attention, attention_bwd, quant_matmul, tuning
 
 
 def _configs():
@@ -37,10 +37,29 @@ def test_the_quant_and_attention_autotuners_take_the_limit(monkeypatch, value, e
     monkeypatch.setenv(tuning.ENV_VAR, value)
     tuner = quant_matmul._autotuned.__wrapped__("tiled", 128)
     assert len(tuner.configs) == (expected or len(quant_matmul._tiled_cuda_configs()))
-    # attention prunes on the GPU; fp32 inputs skip the shared-memory check, so this runs without one
+    # attention prunes on the GPU; properties without a shared-memory limit skip the check, so this runs here
     handle = attention._attn_fwd_sm90_either
     prune = handle.early_config_prune
     q = type("FakeQ", (), {"element_size": lambda self: 4, "device": None})()
     monkeypatch.setattr(attention.torch.cuda, "get_device_properties", lambda device: object())
     kept = prune(handle.configs, {"Q": q}, BLOCK_D=64)
     assert len(kept) == (2 if value == "first" else len(handle.configs))  # pointer and TMA loads
+
+
+def test_fp32_attention_tiles_are_pruned_at_four_bytes_an_element(monkeypatch):
+    """Unpruned, an fp32 backward at head dim 128 on an H100 tried only configs over its shared memory
+    (compiled for sm_90: 295 KB for the first dk/dv config), and LLMFAST_AUTOTUNE=first launched one."""
+    monkeypatch.setenv(tuning.ENV_VAR, "first")
+    limit = 232448  # sm_90's shared memory per block
+    props = type("Props", (), {"shared_memory_per_block_optin": limit})()
+    monkeypatch.setattr(attention.torch.cuda, "get_device_properties", lambda device: props)
+    handle = attention_bwd._attn_bwd_dkdv_sm90
+    kept = {}
+    for element_size in (2, 4):
+        q = type("FakeQ", (), {"element_size": lambda self, e=element_size: e, "device": None})()
+        (kept[element_size],) = handle.early_config_prune(handle.configs, {"Q": q}, BLOCK_D=128)
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages)  # noqa: E731
+    assert shape(kept[2]) == shape(handle.configs[0])  # the first config fits in 16 bits
+    assert shape(kept[4]) != shape(kept[2])
+    assert attention.tile_bytes(attention_bwd.dkdv_tiles, *shape(kept[2]), 128, element_size=4) > limit
+    assert attention.tile_bytes(attention_bwd.dkdv_tiles, *shape(kept[4]), 128, element_size=4) <= limit
