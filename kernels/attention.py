@@ -109,9 +109,9 @@ def kv_descriptors(k: Tensor, v: Tensor, varlen: bool, block_d: int):
         rows = t.shape[0] if varlen else t.shape[0] * t.shape[1]
         row_stride, head_stride = (t.stride(0), t.stride(1)) if varlen else (t.stride(1), t.stride(2))
         one_run = varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
-        # storages start 16-byte aligned (PyTorch allocators), so the offset decides the base's alignment
-        aligned = row_stride > 0 and head_stride > 0 and all(
-            x * t.element_size() % 16 == 0 for x in (row_stride, head_stride, t.storage_offset()))
+        # the base too: PyTorch's allocators align storages, but a tensor from frombuffer or DLPack may not be
+        aligned = row_stride > 0 and head_stride > 0 and t.data_ptr() % 16 == 0 and all(
+            x * t.element_size() % 16 == 0 for x in (row_stride, head_stride))
         if not (one_run and aligned and rows > 0):
             return None
         descriptors.append(TensorDescriptor(t, [rows, t.shape[-2], t.shape[-1]], [row_stride, head_stride, 1],
@@ -148,6 +148,7 @@ def _attn_fwd_inner(
     d_mask = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows_n = offs_n.to(tl.int64)[:, None]  # int64: a long sequence's row times its stride can pass 2**31
         kv_mask = d_mask & (offs_n[:, None] < seqlen_k)
         if USE_TMA:
             # the descriptors span every sequence's rows (tokens, kv_heads, head_dim): rows past this
@@ -160,9 +161,9 @@ def _attn_fwd_inner(
                 v = tl.where(kv_mask, v, 0.0)
             v = v.to(DOT_DTYPE)
         else:
-            k = tl.load(K_block + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(K_block + rows_n * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
             k = k.to(DOT_DTYPE)
-            v = tl.load(V_block + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V_block + rows_n * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
             v = v.to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
@@ -220,7 +221,8 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q_block + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0).to(DOT_DTYPE)
+    rows_m = offs_m.to(tl.int64)[:, None]  # int64: a long sequence's row times its stride can pass 2**31
+    q = tl.load(Q_block + rows_m * stride_qs + offs_d[None, :], mask=q_mask, other=0.0).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -250,9 +252,9 @@ def _attn_fwd_kernel(
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(O_block + offs_m[:, None] * stride_os + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(O_block + rows_m * stride_os + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_mask)
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(LSE + h * stride_lse_h + tok_q + offs_m, lse, mask=offs_m < seqlen_q)
+    tl.store(LSE + h.to(tl.int64) * stride_lse_h + tok_q + offs_m, lse, mask=offs_m < seqlen_q)
 
 
 FWD_KEY = ["BLOCK_D", "GROUP", "IS_CAUSAL", "IS_VARLEN", "SEQ_BUCKET"]

@@ -67,7 +67,7 @@ def _attn_bwd_delta_kernel(
     do = tl.load(DO + b64 * stride_dob + (q_seq0 + offs_m[:, None]) * stride_dos + h * stride_doh + offs_d[None, :],
                  mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + h * stride_delta_h + tok_q + offs_m, delta, mask=offs_m < seqlen_q)
+    tl.store(Delta + h.to(tl.int64) * stride_delta_h + tok_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
@@ -95,9 +95,10 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    kv_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
+    rows_n = offs_n.to(tl.int64)[:, None]  # int64: a long sequence's row times its stride can pass 2**31
+    kv_offs = rows_n * stride_ks + offs_d[None, :]
     k = tl.load(K + b64 * stride_kb + k_seq0 * stride_ks + kv_h * stride_kh + kv_offs, mask=kv_mask, other=0.0)
-    kv_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
+    kv_offs = rows_n * stride_vs + offs_d[None, :]
     v = tl.load(V + b64 * stride_vb + k_seq0 * stride_vs + kv_h * stride_vh + kv_offs, mask=kv_mask, other=0.0)
     k, v = k.to(DOT_DTYPE), v.to(DOT_DTYPE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -113,13 +114,14 @@ def _attn_bwd_dkdv_kernel(
         h = kv_h * GROUP + g
         Q_head = Q + b64 * stride_qb + q_seq0 * stride_qs + h * stride_qh
         DO_head = DO + b64 * stride_dob + q_seq0 * stride_dos + h * stride_doh
-        LSE_head = LSE + h * stride_lse_h + tok_q
-        Delta_head = Delta + h * stride_lse_h + tok_q
+        LSE_head = LSE + h.to(tl.int64) * stride_lse_h + tok_q
+        Delta_head = Delta + h.to(tl.int64) * stride_lse_h + tok_q
         for start_m in range(lo, seqlen_q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
+            rows_m = offs_m.to(tl.int64)[:, None]
             q_mask = (offs_m[:, None] < seqlen_q) & d_mask
-            q = tl.load(Q_head + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO_head + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+            q = tl.load(Q_head + rows_m * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(DO_head + rows_m * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
             q, do = q.to(DOT_DTYPE), do.to(DOT_DTYPE)
             # lse in log2 units; rows that saw no key (-inf) and padding rows read +inf, so P = 0 there
             lse = tl.load(LSE_head + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
@@ -138,10 +140,10 @@ def _attn_bwd_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
     dk *= softmax_scale
-    dk_offs = offs_n[:, None] * stride_dks + offs_d[None, :]
+    dk_offs = rows_n * stride_dks + offs_d[None, :]
     tl.store(DK + b64 * stride_dkb + k_seq0 * stride_dks + kv_h * stride_dkh + dk_offs,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    dv_offs = offs_n[:, None] * stride_dvs + offs_d[None, :]
+    dv_offs = rows_n * stride_dvs + offs_d[None, :]
     tl.store(DV + b64 * stride_dvb + k_seq0 * stride_dvs + kv_h * stride_dvh + dv_offs,
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -178,9 +180,9 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO + b64 * stride_dob + (q_seq0 + offs_m[:, None]) * stride_dos + h * stride_doh + offs_d[None, :],
                  mask=q_mask, other=0.0)
     q, do = q.to(DOT_DTYPE), do.to(DOT_DTYPE)
-    lse = tl.load(LSE + h * stride_lse_h + tok_q + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+    lse = tl.load(LSE + h.to(tl.int64) * stride_lse_h + tok_q + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # as in the dk/dv kernel
-    delta = tl.load(Delta + h * stride_lse_h + tok_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    delta = tl.load(Delta + h.to(tl.int64) * stride_lse_h + tok_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
     K_head = K + b64 * stride_kb + k_seq0 * stride_ks + kv_h * stride_kh
     V_head = V + b64 * stride_vb + k_seq0 * stride_vs + kv_h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -191,9 +193,10 @@ def _attn_bwd_dq_kernel(
         hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift), 0)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows_n = offs_n.to(tl.int64)[:, None]  # int64: a long sequence's row times its stride can pass 2**31
         kv_mask = (offs_n[:, None] < seqlen_k) & d_mask
-        k = tl.load(K_head + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        k = tl.load(K_head + rows_n * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        v = tl.load(V_head + rows_n * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         visible = offs_n[None, :] < seqlen_k

@@ -48,7 +48,7 @@ def _write_kv_cache_kernel(
     keep = (slot + tl.zeros([1, BLOCK_D], dtype=tl.int64)) >= 0
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
-    heads = tl.arange(0, BLOCK_H)[:, None]
+    heads = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]  # int64: any cache strides, however large
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < kv_heads) & (dims < head_dim) & keep
     t64 = t.to(tl.int64)
@@ -135,11 +135,11 @@ def _paged_attention_kernel(
         key_valid = pos < kv_hi
         # entries past the context are padding (maybe -1): masked, never dereferenced
         block = tl.load(table + pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
-        offset = pos % BLOCK_SIZE
+        offset = (pos % BLOCK_SIZE).to(tl.int64)  # int64: any cache strides, however large
         kv_mask = key_valid[:, None] & dim_valid[None, :]
         k = tl.load(
             KCache + block[:, None] * stride_kc_block + offset[:, None] * stride_kc_slot
-            + kv_head * stride_kc_head + dims[None, :] * stride_kc_dim,
+            + kv_head.to(tl.int64) * stride_kc_head + dims[None, :] * stride_kc_dim,
             mask=kv_mask, other=0.0,
         )
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
@@ -152,7 +152,7 @@ def _paged_attention_kernel(
         # unused slots may hold NaN: masked loads give 0, and 0 * p stays 0
         v = tl.load(
             VCache + block[:, None] * stride_vc_block + offset[:, None] * stride_vc_slot
-            + kv_head * stride_vc_head + dims[None, :] * stride_vc_dim,
+            + kv_head.to(tl.int64) * stride_vc_head + dims[None, :] * stride_vc_dim,
             mask=kv_mask, other=0.0,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)

@@ -64,7 +64,14 @@ def test_tma_refused_where_descriptors_cannot_read():
     kv = torch.randn(1, 16, 3, 64, device=DEVICE)[:, :, :2]  # batch rows not one run: (16, 3, 64) strides
     kv_odd = torch.randn(1, 16, 2, 65, device=DEVICE)[..., :64]  # rows of 65 floats: unaligned strides
     broadcast = torch.randn(1, 1, 2, 64, device=DEVICE).expand(1, 16, 2, 64)  # row stride 0
-    for k in (kv.expand(2, 16, 2, 64), kv_odd, broadcast):
+    cases = [kv.expand(2, 16, 2, 64), kv_odd, broadcast]
+    if torch.device(DEVICE).type == "cpu":  # a storage that starts 4 bytes past a 16-byte boundary (a GPU copy would not)
+        buffer = bytearray(4 * (16 * 2 * 64 + 4))
+        skip = (4 - torch.frombuffer(buffer, dtype=torch.float32).data_ptr() % 16) % 16 // 4
+        unaligned = torch.frombuffer(buffer, dtype=torch.float32, offset=4 * skip, count=16 * 2 * 64)
+        assert unaligned.data_ptr() % 16 == 4 and unaligned.storage_offset() == 0
+        cases.append(unaligned.view(1, 16, 2, 64).normal_())
+    for k in cases:
         with pytest.raises(ValueError, match="use_tma"):
             attention_fwd(q.expand(k.shape[0], -1, -1, -1), k, k, None, None, 16, 16, False, 0.125, True)
     # None (auto) falls back to pointer loads for the same tensors
