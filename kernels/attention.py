@@ -285,11 +285,20 @@ def layout(t: Tensor, varlen: bool) -> tuple[Tensor, tuple[int, int, int]]:
     return t, (t.stride(0), t.stride(1), t.stride(2))  # (batch, seq, heads, head_dim)
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
+
+
 def launch_shape(q: Tensor, k: Tensor, cu_seqlens_q: Tensor | None, max_seqlen_q: int, max_seqlen_k: int):
-    """(batch, max_seqlen_q, max_seqlen_k, dense seqlen_q, dense seqlen_k) for the kernels' grids."""
+    """(batch, max_seqlen_q, max_seqlen_k, dense seqlen_q, dense seqlen_k) for the kernels' grids, whose z
+    size is the batch: a ValueError past CUDA's limit on it (flash-attn's grids have the same)."""
+    batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    if batch > MAX_GRID_YZ:
+        name = "q" if cu_seqlens_q is None else "cu_seqlens_q"
+        raise ValueError(f"{name}: the Triton kernels take at most {MAX_GRID_YZ} sequences a call (a CUDA grid "
+                         f"dimension), got {batch}; split the batch")
     if cu_seqlens_q is not None:
-        return cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, 0, 0
-    return q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1]
+        return batch, max_seqlen_q, max_seqlen_k, 0, 0
+    return batch, q.shape[1], k.shape[1], q.shape[1], k.shape[1]
 
 
 def dot_meta(dtype: torch.dtype, device: torch.device) -> dict:

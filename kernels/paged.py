@@ -22,6 +22,7 @@ CPU_PROGRAMS = 4
 # A split gets at least this many keys: fewer would make the reduce pass cost more than it saves.
 MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 64
+MAX_GRID_Z = 65535  # CUDA's limit on a grid's z size: tiles * splits of one sequence
 # Query rows per prefill program (tokens x group heads; decode uses max(16, group) rows) and keys per
 # tile: not yet tuned on the H100. The interpreter pays a fixed cost per op and program, so on CPU the
 # tiles are larger and fewer.
@@ -230,7 +231,11 @@ def paged_attention(
     block_d = max(16, triton.next_power_of_2(head_dim))
     # K and V tiles of <= 16 KB in 16-bit dtypes on the GPU
     block_n = KEYS_PER_TILE[q.device.type] // (1 if block_d <= 128 else 2)
+    if tiles > MAX_GRID_Z:
+        raise ValueError(f"max_seqlen_q: the Triton kernel takes at most {MAX_GRID_Z * tokens_per_tile} query "
+                         f"tokens of one sequence a call here (a CUDA grid dimension), got {max_seqlen_q}")
     splits = num_splits(num_seqs * kv_heads * tiles, max_blocks * block_size, q.device)
+    splits = min(splits, MAX_GRID_Z // tiles)
     # On CPU (the interpreter) dots run in fp32: Triton 3.9's interpreter returns garbage from bf16
     # tl.dot, and numpy has no BLAS for 16-bit matmuls (20 ms for one 256x128x256 fp16 dot).
     dot_dtype = tl.float32 if q.device.type == "cpu" else _TL_DTYPES[q.dtype]

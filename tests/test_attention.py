@@ -413,3 +413,16 @@ def test_gpu_attention_varlen(dtype, causal):
         lambda q, k, v, upcast=True: _varlen_ref(q, k, v, lengths, lengths, causal=causal, upcast=upcast),
         q, k, v, _gpu_randn(sum(lengths), 16, 128, dtype=torch.float32),
     )
+
+
+def test_triton_batches_past_the_grid_limit_are_refused():
+    """The kernels' grid z size is the batch, at most 65535 on CUDA (checked before any launch)."""
+    from llmfast_kernels.attention import MAX_GRID_YZ, launch_shape
+
+    q = torch.empty(MAX_GRID_YZ + 1, 1, 1, 16)
+    with pytest.raises(ValueError, match="q: the Triton kernels take at most 65535 sequences"):
+        launch_shape(q, q, None, 1, 1)
+    cu_seqlens = torch.arange(MAX_GRID_YZ + 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_q: the Triton kernels take at most 65535 sequences"):
+        launch_shape(q[:, 0], q[:, 0], cu_seqlens, 1, 1)
+    assert launch_shape(q[:MAX_GRID_YZ], q[:MAX_GRID_YZ], None, 1, 1)[0] == MAX_GRID_YZ

@@ -146,6 +146,33 @@ def test_triton_paged_attention_splits_long_contexts(dtype, chunked):
     assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), ref, slack_ulps=SLACK_ULPS[dtype])
 
 
+def test_triton_prefill_past_the_grid_limit_is_refused_and_splits_stay_under_it(monkeypatch):
+    """A grid's z size is at most 65535 on CUDA: a chunk of one sequence with more query tiles than that is
+    a ValueError, and flash-decoding splits never take the tiles past it (a limit of 4 stands in here)."""
+    require_backend("triton", "paged_attention")
+    from llmfast_kernels import paged as kernels
+
+    args = _chunked_args()  # 4 and 3 query tokens; 4 query heads over 2 kv heads
+    monkeypatch.setattr(kernels, "PREFILL_ROWS", {"cuda": 2, "cpu": 2})  # one token a tile at group 2
+    monkeypatch.setattr(kernels, "MAX_GRID_Z", 3)
+    with pytest.raises(ValueError, match="max_seqlen_q: the Triton kernel takes at most 3 query tokens"):
+        paged_attention(**args, backend="triton")
+    monkeypatch.setattr(kernels, "MAX_GRID_Z", 4)
+    launched = []
+    real = kernels._paged_attention_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_paged_attention_kernel", Spy())
+    monkeypatch.setattr(kernels, "num_splits", lambda *a: 8)  # as many splits as a long context would get
+    out = paged_attention(**args, backend="triton")
+    assert launched and launched[0][2] <= 4
+    torch.testing.assert_close(out, paged_attention(**args, backend="reference"), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_paged_attention_softmax_scale_and_empty_context(backend):
     require_backend(backend, "paged_attention")
