@@ -126,3 +126,23 @@ def test_each_backend_runs_its_own_kernel(op):
     if "cpu" in impls and "cpu" in llmfast.available_backends(op):
         assert expected["auto"] == expected["cpu"], op
     assert "cpu" in impls or op == "attention", f"{op} has no C++ CPU kernel"
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS)
+def test_triton_ops_launch_on_their_tensors_device(op, monkeypatch):
+    """Triton launches on the current GPU, whatever device the tensors are on (a model on cuda:1): each
+    Triton custom op makes the tensors' device current first (llmfast.device.on_device)."""
+    import contextlib
+    import importlib
+
+    devices = []
+
+    @contextlib.contextmanager
+    def spy(device):
+        devices.append(device)
+        yield
+
+    for name in ("attention", "norm", "paged", "quant_matmul"):
+        monkeypatch.setattr(importlib.import_module(f"llmfast.ops.{name}"), "on_device", spy)
+    _sample_call(op)("triton")
+    assert devices and set(devices) == {torch.device("cpu")}, devices

@@ -407,6 +407,21 @@ def test_triton_real_sizes_on_gpu(dtype, quant, m):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("m", [1, 64, 1024])
+def test_triton_output_keeps_x_dtype_under_autocast(m):
+    """Eager custom ops still run under autocast: the M >= 1024 path (dequantize + F.linear) would
+    return bf16 for a float32 x, where the kernels and the fake return float32."""
+    require_backend("triton", "quant_matmul", torch.device("cuda"))
+    qw = quantize(torch.randn(256, 512, device="cuda") * 0.02, 4, 128)
+    x = torch.randn(m, 512, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = quant_matmul(x, qw, backend="triton")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ qw.dequantize().T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("m", [1, 5, 16, 33, 128])
 @pytest.mark.parametrize("path", ["splitk", "splitk x1", "tiled"])
 def test_triton_paths_real_sizes_on_gpu(path, m):

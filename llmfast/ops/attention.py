@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from llmfast.backends import register, select
+from llmfast.device import on_device
 from llmfast.ops._checks import (
     FLOAT_DTYPES,
     check_cu_seqlens,
@@ -136,7 +137,8 @@ def _attention_fwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from llmfast_kernels.attention import attention_fwd
 
-    return attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+    with on_device(q.device):
+        return attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale)
 
 
 @_attention_fwd_triton.register_fake
@@ -154,9 +156,10 @@ def _attention_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from llmfast_kernels.attention_bwd import attention_bwd
 
-    return attention_bwd(
-        do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
-    )
+    with on_device(q.device):
+        return attention_bwd(
+            do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
+        )
 
 
 @_attention_bwd_triton.register_fake

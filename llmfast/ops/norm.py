@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from llmfast import _ext
 from llmfast.backends import register, select
+from llmfast.device import on_device
 from llmfast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor
 
 Tensor = torch.Tensor
@@ -189,7 +190,8 @@ def _add_norm_fwd_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from llmfast_kernels.norm import add_norm_fwd
 
-    return add_norm_fwd(x, residual, weight, bias, eps, is_rms)
+    with on_device(x.device):
+        return add_norm_fwd(x, residual, weight, bias, eps, is_rms)
 
 
 @_add_norm_fwd_triton.register_fake
@@ -204,7 +206,8 @@ def _add_norm_bwd_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from llmfast_kernels.norm import add_norm_bwd
 
-    return add_norm_bwd(dy, dh, h, weight, has_bias, mean, rstd, is_rms)
+    with on_device(h.device):
+        return add_norm_bwd(dy, dh, h, weight, has_bias, mean, rstd, is_rms)
 
 
 @_add_norm_bwd_triton.register_fake

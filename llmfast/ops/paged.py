@@ -7,6 +7,7 @@ import torch
 
 from llmfast import _ext
 from llmfast.backends import register, select
+from llmfast.device import on_device
 from llmfast.ops._checks import (
     FLOAT_DTYPES,
     check_cu_seqlens,
@@ -104,7 +105,8 @@ def _write_kv_cache_triton_op(
 ) -> None:
     from llmfast_kernels.paged import write_kv_cache as launch
 
-    launch(k, v, k_cache, v_cache, slot_mapping)
+    with on_device(k.device):
+        launch(k, v, k_cache, v_cache, slot_mapping)
 
 
 @_write_kv_cache_triton_op.register_fake
@@ -275,7 +277,8 @@ def _paged_attention_triton_op(
 ) -> torch.Tensor:
     from llmfast_kernels.paged import paged_attention as launch
 
-    return launch(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale)
+    with on_device(q.device):
+        return launch(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale)
 
 
 @_paged_attention_triton_op.register_fake

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from llmfast import _ext
 from llmfast.backends import register, select
+from llmfast.device import on_device
 from llmfast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor
 from llmfast.quant.weight import QuantizedWeight
 
@@ -77,11 +78,13 @@ def _quant_matmul_triton_op(
     from llmfast_kernels import quant_matmul as kernels
 
     m = x.shape[0]
-    if m <= SPLITK_MAX_M:
-        return kernels.quant_matmul_splitk(x, qweight, scales, zeros, bias)
-    if x.is_cuda and m >= DEQUANTIZE_MIN_M:
-        return F.linear(x, kernels.dequantize(qweight, scales, zeros, x.dtype), bias)
-    return kernels.quant_matmul_tiled(x, qweight, scales, zeros, bias)
+    # autocast is still on inside a custom op in eager mode: F.linear would return its dtype, not x's
+    with on_device(x.device), torch.autocast(x.device.type, enabled=False):
+        if m <= SPLITK_MAX_M:
+            return kernels.quant_matmul_splitk(x, qweight, scales, zeros, bias)
+        if x.is_cuda and m >= DEQUANTIZE_MIN_M:
+            return F.linear(x, kernels.dequantize(qweight, scales, zeros, x.dtype), bias)
+        return kernels.quant_matmul_tiled(x, qweight, scales, zeros, bias)
 
 
 @_quant_matmul_triton_op.register_fake
