@@ -19,7 +19,7 @@ from torch import nn
 from llmfast import ops
 from llmfast.nn import FusedAddLayerNorm, LayerNorm, RMSNorm
 from llmfast.nn.replace import replace_children
-from llmfast.ops._checks import FLOAT_DTYPES
+from llmfast.ops._checks import FLOAT_DTYPES, values_readable
 from llmfast.ops.attention import MAX_HEAD_DIM
 
 ATTENTION_NAME = "llmfast"
@@ -137,7 +137,8 @@ def llmfast_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     )
     key_valid = None
     if supported and attention_mask is not None:
-        key_valid = _key_padding(attention_mask, causal, query.shape[0])
+        # the mask's pattern is read from its values, which torch.compile cannot trace: SDPA takes it then
+        key_valid = _key_padding(attention_mask, causal, query.shape[0]) if values_readable() else None
         supported = key_valid is not None
     if not supported:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -172,6 +173,8 @@ def _attentions_requested(kwargs: dict) -> bool:
     """
     if kwargs.get("output_attentions"):
         return True
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the collector's ContextVar: the flag alone counts
+        return False
     try:
         from transformers.utils.output_capturing import _active_collector
 

@@ -108,3 +108,15 @@ def test_fullgraph_compile_of_multihead_attention_with_a_key_padding_mask(causal
     mask = torch.ones(7, 7, dtype=torch.bool, device=DEVICE).triu(1) if causal else None
     _compiled_matches_eager(lambda x: module(x, x, x, need_weights=False, key_padding_mask=padding, attn_mask=mask,
                                              is_causal=causal)[0], torch.randn(2, 7, 64, device=DEVICE))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_fullgraph_compile_of_multihead_attention_with_an_explicit_mask(mask_dtype):
+    """Whether a mask is torch's causal one is read from its values: traced, an explicit mask (without
+    is_causal) takes the general path."""
+    torch.manual_seed(0)
+    module = llmfast.nn.MultiheadAttention(64, 4, batch_first=True).to(DEVICE).eval()
+    causal = torch.ones(7, 7, dtype=torch.bool, device=DEVICE).triu(1)
+    mask = causal if mask_dtype == torch.bool else torch.zeros(7, 7, device=DEVICE).masked_fill(causal, float("-inf"))
+    _compiled_matches_eager(lambda x: module(x, x, x, need_weights=False, attn_mask=mask)[0],
+                            torch.randn(2, 7, 64, device=DEVICE))

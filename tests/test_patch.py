@@ -100,6 +100,19 @@ def test_output_attentions_match_eager_transformers(pair, padding, no_sdpa_fallb
     torch.testing.assert_close(output_of(out), output_of(expected), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_fullgraph_compile_with_an_attention_mask_matches_unpatched(padding):
+    """Under torch.compile a mask's pattern cannot be read from its values: such calls go to SDPA, the others
+    stay on llmfast, and the whole forward traces as one graph."""
+    ref = tiny_model("llama")
+    patched = patch(copy.deepcopy(ref))
+    ids, mask = padded_batch(padding)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ids, mask: output(patched, ids, mask), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, mask), output(ref, ids, mask), atol=ATOL, rtol=0)
+
+
 def test_modules_are_swapped_and_state_dict_kept(pair):
     ref, patched = pair
     assert patched.config._attn_implementation == "llmfast" and ref.config._attn_implementation == "sdpa"

@@ -103,7 +103,9 @@ class MultiheadAttention(torch.nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         self._check_masks(query, key, key_padding_mask, attn_mask)
 
-        causal = is_causal or (attn_mask is not None and _is_causal_mask(attn_mask, query.shape[1], key.shape[1]))
+        # a mask's values cannot be read under torch.compile: there an explicit mask takes the math path
+        causal = is_causal or (attn_mask is not None and values_readable()
+                               and _is_causal_mask(attn_mask, query.shape[1], key.shape[1]))
         fused = (
             not need_weights
             and query.dtype in FLOAT_DTYPES
