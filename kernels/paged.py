@@ -216,7 +216,7 @@ def paged_attention(
     num_seqs, max_blocks = block_tables.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous, as the fake says, whatever q's strides
     if total_q == 0 or num_seqs == 0:
         return out
     block_tables = block_tables.contiguous()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from llmfast import ops
-from llmfast.nn import FusedAddLayerNorm, LayerNorm, RMSNorm
+from llmfast.nn import FusedAddLayerNorm, FusedAddRMSNorm, LayerNorm, RMSNorm
 from llmfast.nn.replace import replace_children
 from llmfast.ops._checks import FLOAT_DTYPES, values_readable
 from llmfast.ops.attention import MAX_HEAD_DIM
@@ -266,9 +266,17 @@ def _swap_norms(model: nn.Module, family: Family) -> None:
     replace_children(model, lambda m: _layer_norm(m, LayerNorm) if type(m) is nn.LayerNorm else None)
 
 
+class HFRMSNorm(RMSNorm):
+    """``RMSNorm`` as Hugging Face's RMSNorm classes compute it: plain PyTorch, not torch's ``rms_norm``, so
+    CUDA autocast does not take it to float32 (which llmfast's RMSNorm does where torch's would)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FusedAddRMSNorm.forward(self, x)[0]
+
+
 def _rms_norm(norm: nn.Module) -> RMSNorm:
     """An llmfast RMSNorm sharing the ``weight`` Parameter of a Hugging Face one."""
-    new = RMSNorm(tuple(norm.weight.shape), eps=norm.variance_epsilon, device="meta")
+    new = HFRMSNorm(tuple(norm.weight.shape), eps=norm.variance_epsilon, device="meta")
     new.weight = norm.weight
     return new
 

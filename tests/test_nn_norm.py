@@ -140,3 +140,17 @@ def test_layer_norm_under_cuda_autocast_returns_float32_as_torch(dtype):
         mine, ref = ours(x), theirs(x)
     assert mine.dtype == ref.dtype == torch.float32
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)  # both compute on the same float32 input
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_under_cuda_autocast_returns_the_dtype_torchs_does(dtype):
+    theirs = _randomize(torch.nn.RMSNorm(1024, eps=1e-6)).to("cuda")
+    ours = llmfast.nn.RMSNorm(1024).to("cuda")
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(256, 1024, device="cuda").to(dtype)
+    with torch.autocast("cuda", dtype=dtype):
+        mine, ref = ours(x), theirs(x)
+    assert mine.dtype == ref.dtype  # float32 where torch's rms_norm is on autocast's float32 list (2.12 on)
+    torch.testing.assert_close(mine.float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -81,16 +81,24 @@ class FusedAddLayerNorm(_NormBase):
         return y.view(shape), h.view(shape)
 
 
+def _as_torch_under_cuda_autocast(x: torch.Tensor, aten_op: str) -> torch.Tensor:
+    """``x`` in float32 where torch's ``aten_op`` would take it so: a float16/bfloat16 input inside CUDA
+    autocast, with the op on autocast's float32 list (it has an AutocastCUDA kernel: layer_norm always,
+    rms_norm from torch 2.12 on). CPU autocast keeps the input dtype."""
+    if (isinstance(x, torch.Tensor) and x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled("cuda")
+            and torch._C._dispatch_has_kernel_for_dispatch_key(aten_op, "AutocastCUDA")):
+        return x.float()
+    return x
+
+
 class LayerNorm(FusedAddLayerNorm):
     """Drop-in for ``torch.nn.LayerNorm`` (parameters ``weight`` and ``bias``). Inside CUDA autocast it
     returns float32 for a float16/bfloat16 input, as torch's (``layer_norm`` is on autocast's float32 list;
     CPU autocast keeps the input dtype)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (isinstance(x, torch.Tensor) and x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
-                and torch.is_autocast_enabled("cuda")):
-            x = x.float()
-        return super().forward(x)[0]
+        return super().forward(_as_torch_under_cuda_autocast(x, "aten::layer_norm"))[0]
 
 
 class FusedAddRMSNorm(_NormBase):
@@ -114,7 +122,9 @@ class FusedAddRMSNorm(_NormBase):
 
 
 class RMSNorm(FusedAddRMSNorm):
-    """Drop-in for ``torch.nn.RMSNorm`` and HF ``LlamaRMSNorm`` (parameter ``weight``)."""
+    """Drop-in for ``torch.nn.RMSNorm`` and HF ``LlamaRMSNorm`` (parameter ``weight``). Inside CUDA autocast
+    it returns what torch's returns: float32 for a float16/bfloat16 input where ``rms_norm`` is on
+    autocast's float32 list (torch 2.12 on), the input dtype before."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)[0]
+        return super().forward(_as_torch_under_cuda_autocast(x, "aten::rms_norm"))[0]

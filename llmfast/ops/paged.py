@@ -88,7 +88,7 @@ for _device in ("cpu", "cuda"):
             lambda k, v, k_cache, v_cache, slot_mapping: None
         )
         torch.library.register_fake(f"llmfast::paged_attention_{_device}")(
-            lambda q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale: torch.empty_like(q)
+            lambda q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale: q.new_empty(q.shape)
         )
 
 
@@ -283,7 +283,7 @@ def _paged_attention_triton_op(
 
 @_paged_attention_triton_op.register_fake
 def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the launcher allocates it
 
 
 def _paged_attention_triton(
