@@ -120,3 +120,19 @@ def test_fullgraph_compile_of_multihead_attention_with_an_explicit_mask(mask_dty
     mask = causal if mask_dtype == torch.bool else torch.zeros(7, 7, device=DEVICE).masked_fill(causal, float("-inf"))
     _compiled_matches_eager(lambda x: module(x, x, x, need_weights=False, attn_mask=mask)[0],
                             torch.randn(2, 7, 64, device=DEVICE))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_inductor_compiles_the_varlen_reference(causal):
+    """Traced, the reference masks every query to its own sequence's keys instead of slicing by cu_seqlens
+    (which Inductor cannot lower: a data-dependent bmm); an empty sequence and Sq != Sk included."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(n, h, 32) for n, h in ((10, 4), (12, 2), (12, 2)))
+    cu_q, cu_k = torch.tensor([0, 4, 4, 10], dtype=torch.int32), torch.tensor([0, 5, 6, 12], dtype=torch.int32)
+
+    def fn(q, k, v):
+        return llmfast.ops.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=6,
+                                     causal=causal, backend="reference")
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ from llmfast.ops._checks import (
     check_tensor,
     check_traced_max_seqlen,
     contiguous_index,
+    values_readable,
 )
 
 MAX_HEAD_DIM = 256
@@ -230,6 +231,8 @@ def attention_reference(
     """
     if cu_seqlens_q is None:
         return dense_attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    if not values_readable():  # traced: cu_seqlens cannot be read to slice the sequences
+        return _varlen_attention_masked(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k)
     offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs = []
     for start_q, end_q, start_k, end_k in zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:]):
@@ -241,23 +244,45 @@ def attention_reference(
     return torch.cat(outs) if outs else torch.zeros_like(q)
 
 
+def _varlen_attention_masked(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k) -> torch.Tensor:
+    """Varlen attention that never reads ``cu_seqlens`` on the host (for torch.compile): every query against
+    every key, masked to its own sequence's keys (bottom-right causal within it); O(Tq x Tk) memory."""
+    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    tokens_q = torch.arange(q.shape[0], device=q.device)
+    tokens_k = torch.arange(k.shape[0], device=q.device)
+    seq_q = torch.searchsorted(cu_q[1:], tokens_q, right=True)  # (Tq,) the sequence of each query
+    seq_k = torch.searchsorted(cu_k[1:], tokens_k, right=True)  # (Tk,)
+    visible = seq_q[:, None] == seq_k[None, :]
+    if causal:  # key j of the query's sequence is seen when j <= i + len_k - len_q (positions within it)
+        pos_q, pos_k = tokens_q - cu_q[seq_q], tokens_k - cu_k[seq_k]
+        shift = (cu_k[seq_q + 1] - cu_k[seq_q]) - (cu_q[seq_q + 1] - cu_q[seq_q])  # (Tq,)
+        visible = visible & (pos_k[None, :] <= (pos_q + shift)[:, None])
+    return _masked_attention(q[None], k[None], v[None], visible, softmax_scale)[0]
+
+
 def dense_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, softmax_scale: float
 ) -> torch.Tensor:
     """``q (batch, seqlen_q, heads, head_dim)``, ``k, v (batch, seqlen_k, kv_heads, head_dim)`` -> like ``q``."""
-    seqlen_q, heads = q.shape[1], q.shape[2]
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if causal:
+        row = torch.arange(seqlen_q, device=q.device)[:, None]
+        col = torch.arange(seqlen_k, device=q.device)[None, :]
+        visible = col <= row + (seqlen_k - seqlen_q)  # bottom-right alignment
+    return _masked_attention(q, k, v, visible, softmax_scale)
+
+
+def _masked_attention(q, k, v, visible: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Float32 attention of ``q (batch, seqlen_q, heads, head_dim)`` over the keys ``visible (seqlen_q,
+    seqlen_k)`` lets each query see; ``k, v (batch, seqlen_k, kv_heads, head_dim)``. Returns like ``q``."""
+    heads, kv_heads = q.shape[2], k.shape[2]
     # query head h reads kv head h // (heads // kv_heads), as flash-attn
     k = k.float().repeat_interleave(heads // kv_heads, dim=2)  # (batch, seqlen_k, heads, head_dim)
     v = v.float().repeat_interleave(heads // kv_heads, dim=2)  # (batch, seqlen_k, heads, head_dim)
     autocast_off = torch.autocast(q.device.type, enabled=False)  # float32 math, also inside a caller's autocast
     with autocast_off:
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * softmax_scale  # (batch, heads, seqlen_q, seqlen_k)
-    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-    if causal:
-        row = torch.arange(seqlen_q, device=q.device)[:, None]
-        col = torch.arange(seqlen_k, device=q.device)[None, :]
-        visible = col <= row + (seqlen_k - seqlen_q)  # bottom-right alignment
     # A finite fill keeps a row that sees no key free of NaN (in values and gradients); multiplying by
     # `visible` then gives it zero weights, so it outputs 0 as in flash-attn.
     scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
