@@ -1,7 +1,7 @@
 """Dense float32 linear on CPU: the engine's packed C++ kernel (``packed_linear_cpu``, what ``LLM`` runs its
 float32 linear layers with on CPU) against ``F.linear`` (MKL) and ``x @ W.T`` with ``W.T`` stored contiguous.
 
-    python -m benchmarks.bench_linear_cpu --threads 1      # -> results/cpu_linear.json, .png
+    python -m benchmarks.bench_linear_cpu --threads 1      # -> results/cpu_linear.json, .png (_avx2 w/o AVX-512)
     python -m benchmarks.bench_linear_cpu --m 1,32 --shapes 512x32000 --repeats 1 --out-dir /tmp/l   # a quick look
 
 y = x @ W.T with x (M, K) and W (N, K), cold weights as in bench_quant_cpu (each implementation cycles

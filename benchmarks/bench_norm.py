@@ -2,7 +2,7 @@
 Liger-Kernel, measured in the same run.
 
     python -m benchmarks.bench_norm                  # the full grid on a GPU -> results/{gpu}_norm.json, .png
-    python -m benchmarks.bench_norm --quick          # two small sizes; on CPU -> results/cpu_norm.json
+    python -m benchmarks.bench_norm --quick          # two small sizes (GPU or CPU), results to a temporary folder
     python -m benchmarks.bench_norm --ops rmsnorm    # one op's full grid -> results/{gpu}_norm_rmsnorm.*
     python -m benchmarks.bench_norm --ops rmsnorm --sizes 16384x4096   # -> results/{gpu}_norm_partial.*
 
@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import llmfast
+from . import common
 from .common import (
     COPY_TB_S,
     bench_ms,
@@ -266,7 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}: a smoke run (CPU too)")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile peer out")
+    parser.add_argument("--out-dir", type=Path, help="where JSON + PNG go (default benchmarks/results/; "
+                        "--quick: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.quick and args.out_dir is None:
+        args.out_dir = Path(tempfile.mkdtemp(prefix="llmfast_bench_norm_"))
+    with common.results_dir(args.out_dir):
+        return _run(args, parser)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(OPS))

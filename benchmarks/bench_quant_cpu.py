@@ -1,7 +1,7 @@
 """Weight-only quantized matmul on CPU, float32 activations: our C++ kernel (int8 per channel, int4 g128)
 against dequantize + F.linear and against plain float32 F.linear, measured in the same run.
 
-    python -m benchmarks.bench_quant_cpu                     # -> results/cpu_quant.json, .png
+    python -m benchmarks.bench_quant_cpu                     # -> results/cpu_quant.json, .png (_avx2 w/o AVX-512)
     python -m benchmarks.bench_quant_cpu --m 1,16 --shapes 4096x4096 --repeats 1 --out-dir /tmp/q   # a quick look
 
 y = x @ W.T with x (M, K) and W (N, K). Weights are cold, as in a model whose layers do not fit in the

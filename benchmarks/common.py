@@ -185,10 +185,24 @@ def run_metadata(device: torch.device | str | None = None, packages: Sequence[st
     }
 
 
+def cpu_without_avx512() -> bool:
+    """Whether this CPU lacks AVX-512 (Linux /proc/cpuinfo; elsewhere assumed to have it)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512f" not in flags
+
+
 def results_path(name: str, suffix: str, device: torch.device | str | None = None) -> Path:
+    """``{gpu}_{name}{suffix}``; a CPU run on a CPU without AVX-512 is ``cpu_{name}_avx2{suffix}``, so that it
+    never overwrites the AVX-512 machine's results (the C++ kernels take another path there)."""
     directory = _results_dir_override or Path(os.environ.get(RESULTS_DIR_ENV) or RESULTS_DIR)
     directory.mkdir(parents=True, exist_ok=True)
-    return directory / f"{gpu_name(device)}_{name}{suffix}"
+    tag = gpu_name(device)
+    if tag == "cpu" and cpu_without_avx512():
+        name += "_avx2"
+    return directory / f"{tag}_{name}{suffix}"
 
 
 @contextlib.contextmanager

@@ -33,3 +33,12 @@ def test_quant_targets_apply_to_the_large_shapes_only(monkeypatch):
     large = {r["impl"]: r for r in bench_quant.run_case(k, n, 1, impls, "cpu") if r["impl"] != bench_quant.PEER}
     assert large["ours int4 g128"]["x_bf16"] == pytest.approx(4.0)
     assert large["ours int4 g128"]["target_x_bf16"] == 3.3 and large["ours int4 g128"]["meets_target"]
+
+
+@pytest.mark.parametrize("without_avx512, expected", [(False, "cpu_quant.json"), (True, "cpu_quant_avx2.json")])
+def test_cpu_results_of_a_cpu_without_avx512_are_named_apart(tmp_path, monkeypatch, without_avx512, expected):
+    from llmfast_benchmarks import common
+
+    monkeypatch.setattr(common, "cpu_without_avx512", lambda: without_avx512)
+    with common.results_dir(tmp_path):
+        assert common.results_path("quant", ".json", "cpu") == tmp_path / expected

@@ -145,7 +145,18 @@ def test_bench_norm_writes_its_results_where_told(tmp_path, monkeypatch, capsys)
     code = cli.main(["bench", "norm", "--device", "cpu", "--ops", "rmsnorm", "--sizes", "64x256", "--no-compile"])
     assert code == 0
     assert "add+RMSNorm" in capsys.readouterr().out
-    assert (tmp_path / "cpu_norm.json").exists()
+    assert list(tmp_path.glob("cpu_norm*.json"))  # cpu_norm_avx2.json on a CPU without AVX-512
+
+
+def test_bench_all_skips_the_gpu_only_benchmarks_without_a_gpu(monkeypatch, capsys):
+    ran = []
+    stub = lambda name: type("Bench", (), {"main": staticmethod(lambda argv: ran.append((name, argv)) or 0)})  # noqa: E731
+    monkeypatch.setattr(cli.importlib, "import_module", lambda module: stub(module.rsplit("bench_", 1)[1]))
+    monkeypatch.setattr(cli, "_cuda_available", lambda: False)
+    assert cli.main(["bench", "all", "--quick"]) == 0
+    assert ran == [(name, ["--quick"]) for name in ("norm", "quant", "throughput")]
+    err = capsys.readouterr().err
+    assert "bench attention: skipped (needs a CUDA GPU)" in err and "bench paged: skipped" in err
 
 
 @pytest.mark.parametrize("name", cli.BENCHMARKS)

@@ -98,7 +98,7 @@ def test_bench_linear_cpu_smoke(tmp_path):
 
     assert bench_linear_cpu.main(["--m", "1,9", "--shapes", "64x96", "--repeats", "1", "--threads", "1",
                                   "--out-dir", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "cpu_linear.json").read_text())["results"]
+    rows = json.loads(next(tmp_path.glob("cpu_linear*.json")).read_text())["results"]  # _avx2 without AVX-512
     assert {(r["impl"], r["m"]) for r in rows} == {(i, m) for i in ("F.linear", "x @ W.T (W.T contiguous)",
                                                                     "ours packed") for m in (1, 9)}
-    assert (tmp_path / "cpu_linear.png").exists()
+    assert list(tmp_path.glob("cpu_linear*.png"))
