@@ -294,7 +294,7 @@ def gpu_panels(rows: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="bench_throughput", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model and 8 requests, results to a temp folder")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--parts", default="a,b,c", help="GPU parts to run, comma-separated (default a,b,c)")

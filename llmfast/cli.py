@@ -18,7 +18,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# (flag, SamplingParams field, type): flags left out keep SamplingParams' defaults
+# (flag, SamplingParams field, type): flags left out take generation_config.json's value, else SamplingParams'
 SAMPLING_FLAGS = (("--n", "n", int), ("--temperature", "temperature", float), ("--top-k", "top_k", int),
                   ("--top-p", "top_p", float), ("--min-p", "min_p", float),
                   ("--repetition-penalty", "repetition_penalty", float),
@@ -65,11 +65,13 @@ def _generate(args: argparse.Namespace) -> int:
 
     given = {field: getattr(args, field) for _, field, _ in SAMPLING_FLAGS if getattr(args, field) is not None}
     try:
-        params = SamplingParams(**given, stop=args.stop, stop_token_ids=args.stop_token_ids,
-                                ignore_eos=args.ignore_eos)
+        fixed = dict(stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos)
+        params = SamplingParams(**given, **fixed)  # bad flags fail before the model loads
         if args.stream and params.n > 1:
             raise ValueError("--stream prints one completion as it is generated; use --n 1")
         llm = LLM(args.model, **_engine_kwargs(args))
+        # flags left out take the checkpoint's generation_config.json, as LLM.generate and the server do
+        params = SamplingParams(**{**llm.sampling_defaults, **given}, **fixed)
         labelled = len(args.prompt) > 1 or params.n > 1
         if args.stream:
             for i, prompt in enumerate(args.prompt):
@@ -174,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="complete prompts with the engine and print the text")
     _add_engine_args(generate)
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    sampling = generate.add_argument_group("sampling (vLLM's SamplingParams; default: its defaults)")
+    sampling = generate.add_argument_group(
+        "sampling (vLLM's SamplingParams; default: generation_config.json's fields, else SamplingParams')")
     for flag, field, kind in SAMPLING_FLAGS:
         sampling.add_argument(flag, dest=field, type=kind, default=None)
     sampling.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
@@ -185,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs fastapi and uvicorn)")
     _add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8000, help="0 picks a free port (logged at startup)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8000, help="default 8000; 0 picks a free port (logged at startup)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(run=_serve)

@@ -65,6 +65,22 @@ def test_generate_reports_bad_arguments(checkpoint, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
+def test_generate_takes_generation_config_for_flags_left_out(checkpoint, tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "with-generation-config"
+    shutil.copytree(checkpoint, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3, "top_k": 1}))
+    defaults = LLM(folder).generate(["a"], None, use_tqdm=False)[0].outputs[0]
+    assert len(defaults.token_ids) == 3 or defaults.finish_reason == "stop"
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "a", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == defaults.text + "\n"  # top_k 1: greedy, whatever the seed
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "a", "--max-tokens", "5", "--ignore-eos"]) == 0
+    expected = LLM(folder).generate(["a"], SamplingParams(top_k=1, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert capsys.readouterr().out == expected[0].outputs[0].text + "\n"
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:99"])
 @pytest.mark.parametrize("command", ["demo", "generate"])
 def test_a_device_this_machine_lacks_is_reported(checkpoint, capsys, command, device):
