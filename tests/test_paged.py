@@ -521,3 +521,36 @@ def test_gpu_write_kv_cache(backend, dtype):
     write_kv_cache(k, v, k_cache, v_cache, slots, backend=backend)
     torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_no_value_is_read_while_a_cuda_graph_is_captured(monkeypatch):
+    """A host read ends a CUDA graph capture: the checks read only shapes and dtypes then (as traced)."""
+    from llmfast.ops._checks import values_readable
+
+    assert values_readable()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not values_readable()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_public_paged_ops_can_be_captured_in_a_cuda_graph(backend):
+    require_backend(backend, "paged_attention", torch.device("cuda"))
+    args = {name: t.cuda() for name, t in _paged_args().items()}
+    k, v = torch.randn(2, 2, 32, device="cuda"), torch.randn(2, 2, 32, device="cuda")
+    slots = torch.tensor([43, 8], device="cuda")  # the last token of each sequence: (block 5, 3), (block 1, 0)
+
+    def step():
+        write_kv_cache(k, v, args["k_cache"], args["v_cache"], slots, backend=backend)
+        return paged_attention(**args, backend=backend)
+
+    expected = step()  # eager: validated, compiled, tuned
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    k.normal_(), v.normal_()
+    graph.replay()
+    torch.testing.assert_close(out, step(), atol=1e-5, rtol=1e-5)  # the replay read the new k, v
+    assert not torch.equal(out, expected)

@@ -117,8 +117,7 @@ def check_embedding_indices(**bounded: tuple[torch.Tensor | None, int]) -> None:
             raise TypeError(f"{name}: expected an int64 or int32 tensor (embedding indices), got {tensor.dtype}")
         if tensor.numel():
             checked.append((name, tensor, size))
-    capturing = bool(checked) and checked[0][1].is_cuda and torch.cuda.is_current_stream_capturing()
-    if not checked or capturing or not values_readable():
+    if not checked or not values_readable():
         return
     extremes = torch.stack([v.long() for _, t, _ in checked for v in torch.aminmax(t)]).tolist()
     for i, (name, _, size) in enumerate(checked):

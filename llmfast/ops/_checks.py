@@ -91,8 +91,9 @@ _trusted = threading.local()
 def values_readable() -> bool:
     """Whether checks may read tensor values back to the host. Not while torch.compile traces: its fake
     tensors have no values, so only dtypes and shapes are checked then (flash-attn checks no more); nor
-    inside ``trusted_index_values``."""
-    return not torch.compiler.is_compiling() and not getattr(_trusted, "active", False)
+    while a CUDA graph is captured (a host read would end the capture), nor inside ``trusted_index_values``."""
+    return not (torch.compiler.is_compiling() or getattr(_trusted, "active", False)
+                or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()))
 
 
 @contextlib.contextmanager
