@@ -229,3 +229,28 @@ def test_gpu_forward(backend, kind, dtype, shape):
 def test_gpu_gradients(backend, kind, dtype, shape):
     require_backend(backend, "add_rms_norm", torch.device("cuda"))
     _check_low_precision_gradients(backend, kind, dtype, shape, "cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                              (torch.float32, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_mixed_dtypes_odd_sizes_strides_and_empty(backend, kind, x_dtype, w_dtype):
+    """What the CPU tests cover only under the interpreter, compiled: weights in another dtype than x (the
+    modules' case under autocast), float32, odd hidden sizes, a strided x, a float32 residual, no rows."""
+    require_backend(backend, "add_rms_norm", torch.device("cuda"))
+    for rows, hidden in ((1000, 1), (1000, 7), (333, 4097), (0, 64)):
+        x = torch.randn(rows, 2, hidden, dtype=x_dtype, device="cuda")[:, 0]  # row stride 2 * hidden
+        r = torch.randn(rows, hidden, dtype=torch.float32, device="cuda")
+        w = torch.randn(hidden, dtype=w_dtype, device="cuda")
+        b = torch.randn(hidden, dtype=w_dtype, device="cuda") if kind == "layer" else None
+        with poison_allocations():
+            y, h = _call(kind, x, r, w, b, backend)
+        y_peer, h_peer = _call(kind, x, r, w, b, "reference")
+        assert (y.dtype, h.dtype) == (y_peer.dtype, h_peer.dtype) == (x_dtype, x_dtype)
+        torch.testing.assert_close(h, h_peer, rtol=0, atol=0)
+        if rows:
+            y_ref, _ = _torch_norm(kind, _f64(h), None, _f64(w), _f64(b))
+            assert_close_2x(y, y_peer, y_ref)
