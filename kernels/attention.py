@@ -109,14 +109,21 @@ def kv_descriptors(k: Tensor, v: Tensor, varlen: bool, block_d: int):
         rows = t.shape[0] if varlen else t.shape[0] * t.shape[1]
         row_stride, head_stride = (t.stride(0), t.stride(1)) if varlen else (t.stride(1), t.stride(2))
         one_run = varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
-        # the base too: PyTorch's allocators align storages, but a tensor from frombuffer or DLPack may not be
-        aligned = row_stride > 0 and head_stride > 0 and t.data_ptr() % 16 == 0 and all(
+        aligned = row_stride > 0 and head_stride > 0 and base_aligned(t) and all(
             x * t.element_size() % 16 == 0 for x in (row_stride, head_stride))
         if not (one_run and aligned and rows > 0):
             return None
         descriptors.append(TensorDescriptor(t, [rows, t.shape[-2], t.shape[-1]], [row_stride, head_stride, 1],
                                             [16, 1, block_d]))  # the box is set per config
     return tuple(descriptors)
+
+
+def base_aligned(t: Tensor) -> bool:
+    """Whether ``t`` starts on a 16-byte boundary. PyTorch's allocators align storages, but one from
+    frombuffer or DLPack may not be; a fake tensor (tests/compile_kernels.py) has no address, only its offset."""
+    if torch._subclasses.fake_tensor.is_fake(t):
+        return t.storage_offset() * t.element_size() % 16 == 0
+    return t.data_ptr() % 16 == 0
 
 
 @triton.jit
