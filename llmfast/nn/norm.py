@@ -81,13 +81,18 @@ class FusedAddLayerNorm(_NormBase):
         return y.view(shape), h.view(shape)
 
 
+# torch's norms that CUDA autocast runs in float32 (they have an AutocastCUDA kernel): layer_norm always,
+# rms_norm from torch 2.12 on. Looked up once, not per forward (torch.compile cannot trace the lookup).
+_CUDA_AUTOCAST_FLOAT32 = frozenset(
+    op for op in ("aten::layer_norm", "aten::rms_norm")
+    if torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA"))
+
+
 def _as_torch_under_cuda_autocast(x: torch.Tensor, aten_op: str) -> torch.Tensor:
     """``x`` in float32 where torch's ``aten_op`` would take it so: a float16/bfloat16 input inside CUDA
-    autocast, with the op on autocast's float32 list (it has an AutocastCUDA kernel: layer_norm always,
-    rms_norm from torch 2.12 on). CPU autocast keeps the input dtype."""
-    if (isinstance(x, torch.Tensor) and x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
-            and torch.is_autocast_enabled("cuda")
-            and torch._C._dispatch_has_kernel_for_dispatch_key(aten_op, "AutocastCUDA")):
+    autocast, with the op on autocast's float32 list. CPU autocast keeps the input dtype."""
+    if (aten_op in _CUDA_AUTOCAST_FLOAT32 and isinstance(x, torch.Tensor) and x.device.type == "cuda"
+            and x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled("cuda")):
         return x.float()
     return x
 
