@@ -18,6 +18,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llmfast_kernels import tuning
+from llmfast_kernels.limits import MAX_GRID_YZ
 
 LOG2_E = math.log2(math.e)
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -290,9 +291,6 @@ def layout(t: Tensor, varlen: bool) -> tuple[Tensor, tuple[int, int, int]]:
     if varlen:  # (tokens, heads, head_dim)
         return t, (0, t.stride(0), t.stride(1))
     return t, (t.stride(0), t.stride(1), t.stride(2))  # (batch, seq, heads, head_dim)
-
-
-MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 
 
 def launch_shape(q: Tensor, k: Tensor, cu_seqlens_q: Tensor | None, max_seqlen_q: int, max_seqlen_k: int):

@@ -16,13 +16,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from llmfast_kernels.limits import MAX_GRID_YZ
+
 # Programs that fill the GPU: one per SM of an H100 (132). On CPU (the interpreter) a small number, so
 # that tests reach the split path with few programs.
 CPU_PROGRAMS = 4
 # A split gets at least this many keys: fewer would make the reduce pass cost more than it saves.
 MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 64
-MAX_GRID_Z = 65535  # CUDA's limit on a grid's z size: tiles * splits of one sequence
+MAX_GRID_Z = MAX_GRID_YZ  # the grid's z size is tiles * splits of one sequence
 # Query rows per prefill program (tokens x group heads; decode uses max(16, group) rows) and keys per
 # tile: not yet tuned on the H100. The interpreter pays a fixed cost per op and program, so on CPU the
 # tiles are larger and fewer.
