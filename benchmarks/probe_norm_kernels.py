@@ -29,8 +29,8 @@ def probe(m: int, n: int, is_rms: bool, dtype: torch.dtype = torch.bfloat16) -> 
     tensor_bytes = m * n * x.element_size()
     bench = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")  # noqa: E731
     fwd = bench(lambda: kernels.add_norm_fwd(x, r, w, b, 1e-5, is_rms))
-    bwd_dh = bench(lambda: kernels.add_norm_bwd(dy, dh, h, w, b is not None, mean, rstd, is_rms))
-    bwd = bench(lambda: kernels.add_norm_bwd(dy, None, h, w, b is not None, mean, rstd, is_rms))
+    bwd_dh = bench(lambda: kernels.add_norm_bwd(dy, dh, h, w, w is not None, b is not None, mean, rstd, is_rms))
+    bwd = bench(lambda: kernels.add_norm_bwd(dy, None, h, w, w is not None, b is not None, mean, rstd, is_rms))
     return {
         "op": "rmsnorm" if is_rms else "layernorm", "M": m, "N": n, "dtype": str(dtype).replace("torch.", ""),
         "fwd_us": 1e3 * fwd,

@@ -178,12 +178,13 @@ def _add_norm_bwd_row_stats_kernel(
 def _add_norm_bwd_kernel(
     DY, DH, H, W, Mean, Rstd, DX, DW, DB, C1, C2,  # DW, DB: (row groups, N) fp32 partial sums
     M, N, rows_per_program,
-    HAS_DH: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
-    ROW_STATS_GIVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DH: tl.constexpr, HAS_WEIGHT: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    IS_RMS: tl.constexpr, ROW_STATS_GIVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (i, j): rows [i * rows_per_program, ...) x columns [j * BLOCK_N, ...). Writes dx and one
-    partial row of dweight/dbias. Either BLOCK_N >= N (the row reductions are done here), or
-    ROW_STATS_GIVEN and C1/C2 hold them from _add_norm_bwd_row_stats_kernel."""
+    partial row of dweight/dbias where wanted (a frozen weight or bias skips its sums and their stores).
+    Either BLOCK_N >= N (the row reductions are done here), or ROW_STATS_GIVEN and C1/C2 hold them from
+    _add_norm_bwd_row_stats_kernel."""
     group = tl.program_id(0)
     row_start = group * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -224,14 +225,14 @@ def _add_norm_bwd_kernel(
         if HAS_DH:
             dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_WEIGHT:
+        if WANT_DW:
             dw += dy * xhat
-        if HAS_BIAS:
+        if WANT_DB:
             db += dy
     partial = group.to(tl.int64) * N + cols
-    if HAS_WEIGHT:
+    if WANT_DW:
         tl.store(DW + partial, tl.sum(dw, axis=0), mask=col_mask)
-    if HAS_BIAS:
+    if WANT_DB:
         tl.store(DB + partial, tl.sum(db, axis=0), mask=col_mask)
 
 
@@ -270,26 +271,29 @@ def add_norm_fwd(
 
 
 def add_norm_bwd(
-    dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, has_bias: bool,
+    dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, want_dweight: bool, want_dbias: bool,
     mean: Tensor, rstd: Tensor, is_rms: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dy: (M, N) contiguous in h.dtype; dh: (M, N) or None (gradient flowing into the h output);
     h: (M, N) the normalized input (x itself when there was no residual); weight (N,) or None;
+    want_dweight (only with a weight) / want_dbias: whether the weight's / bias's gradient is wanted;
     mean/rstd as returned by add_norm_fwd. Returns (dx, dweight, dbias): dx (M, N) in h.dtype
-    (this is also d residual); dweight (N,) float32 or shape-(0,) empty when weight is None;
-    dbias (N,) float32 or shape-(0,) empty when not has_bias."""
+    (this is also d residual); dweight (N,) float32 or shape-(0,) empty when not wanted;
+    dbias (N,) float32 or shape-(0,) empty when not wanted."""
+    if want_dweight and weight is None:
+        raise ValueError("want_dweight: there is no weight")
     M, N = h.shape
     dx = torch.empty_like(h)
     if M == 0:  # a sum over no rows
-        dweight = h.new_zeros(N if weight is not None else 0, dtype=torch.float32)
-        return dx, dweight, h.new_zeros(N if has_bias else 0, dtype=torch.float32)
+        dweight = h.new_zeros(N if want_dweight else 0, dtype=torch.float32)
+        return dx, dweight, h.new_zeros(N if want_dbias else 0, dtype=torch.float32)
     block_m, block_n, num_warps, programs = _launch_config(N, h.element_size(), h.device, backward=True)
     num_chunks = triton.cdiv(N, block_n)  # 1: whole rows in registers
     # split the rows so that row groups x column chunks is about `programs`; whole BLOCK_M tiles each
     rows_per_program = triton.cdiv(triton.cdiv(M, max(1, programs // num_chunks)), block_m) * block_m
     num_groups = triton.cdiv(M, rows_per_program)
-    dw_partial = h.new_empty((num_groups, N) if weight is not None else (0,), dtype=torch.float32)
-    db_partial = h.new_empty((num_groups, N) if has_bias else (0,), dtype=torch.float32)
+    dw_partial = h.new_empty((num_groups, N) if want_dweight else (0,), dtype=torch.float32)
+    db_partial = h.new_empty((num_groups, N) if want_dbias else (0,), dtype=torch.float32)
     w = dy if weight is None else weight  # never read when weight is None
     row_stats_given = num_chunks > 1
     if row_stats_given:
@@ -304,9 +308,9 @@ def add_norm_bwd(
     _add_norm_bwd_kernel[(num_groups, num_chunks)](
         dy, dy if dh is None else dh, h, w, mean, rstd, dx, dw_partial, db_partial, c1, c2,
         M, N, rows_per_program,
-        HAS_DH=dh is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, IS_RMS=is_rms,
-        ROW_STATS_GIVEN=row_stats_given, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        HAS_DH=dh is not None, HAS_WEIGHT=weight is not None, WANT_DW=want_dweight, WANT_DB=want_dbias,
+        IS_RMS=is_rms, ROW_STATS_GIVEN=row_stats_given, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    dweight = dw_partial.sum(0) if weight is not None else dw_partial
-    dbias = db_partial.sum(0) if has_bias else db_partial
+    dweight = dw_partial.sum(0) if want_dweight else dw_partial
+    dbias = db_partial.sum(0) if want_dbias else db_partial
     return dx, dweight, dbias

@@ -177,7 +177,7 @@ def norm_cases(quick: bool):
                 kind = "rms" if is_rms else "layer"
                 yield f"norm fwd {kind} N={n} {dtype}", lambda: add_norm_fwd(x, x, w, w, 1e-5, is_rms)
                 stats = x.new_empty(4096, dtype=torch.float32)
-                yield f"norm bwd {kind} N={n} {dtype}", lambda: add_norm_bwd(x, x, x, w, True, stats, stats, is_rms)
+                yield f"norm bwd {kind} N={n} {dtype}", lambda: add_norm_bwd(x, x, x, w, True, True, stats, stats, is_rms)
 
 
 def attention_cases(quick: bool):

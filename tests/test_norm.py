@@ -94,6 +94,46 @@ def test_gradients_match_float64(backend, kind, hidden, affine):
             torch.testing.assert_close(t.grad.double(), t_ref.grad, rtol=1e-4, atol=tol, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("frozen", [("weight",), ("bias",), ("weight", "bias")])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "cuda"])
+def test_a_frozen_weight_or_bias_gets_no_gradient_sums(backend, frozen, monkeypatch):
+    """Norm weights are often frozen (LoRA fine-tuning): the backward then skips their column sums, asks
+    the kernel for only the wanted ones, and the other gradients are those of the unfrozen run."""
+    import llmfast.ops.norm as norm_ops
+    from llmfast_kernels import norm as norm_kernels
+
+    require_backend(backend, "add_layer_norm", torch.device("cpu"))
+    asked = []
+
+    def spy(real):
+        def wrapper(*args):  # both take (dy, dh, h, weight, want_dweight, want_dbias, ...)
+            asked.append(args[4:6])
+            return real(*args)
+        return wrapper
+
+    monkeypatch.setattr(norm_kernels, "add_norm_bwd", spy(norm_kernels.add_norm_bwd))
+    monkeypatch.setattr(norm_ops, "_norm_backward_torch", spy(norm_ops._norm_backward_torch))
+    x, r, w, b = _inputs((5, 96), torch.float32, "cpu", True, True, True, "layer")
+    dy = torch.randn_like(x)
+
+    def grads(trainable):
+        ts = [t.detach().clone().requires_grad_(name in trainable)
+              for name, t in zip(("x", "residual", "weight", "bias"), (x, r, w, b))]
+        y, _ = _call("layer", *ts, backend)
+        (y * dy).sum().backward()
+        return [t.grad for t in ts]
+
+    full = grads({"x", "residual", "weight", "bias"})
+    assert asked == [(True, True)]
+    part = grads({"x", "residual"} | {"weight", "bias"} - set(frozen))
+    assert asked[1] == ("weight" not in frozen, "bias" not in frozen)
+    for name, g, g_full in zip(("x", "residual", "weight", "bias"), part, full):
+        if name in frozen:
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, g_full, rtol=1e-6, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("backend", BACKENDS)

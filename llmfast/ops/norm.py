@@ -100,11 +100,11 @@ def add_norm_reference(x, residual, weight, bias, eps: float, is_rms: bool):
     return y.to(x.dtype), h
 
 
-def _norm_backward_torch(dy, dh, h, weight, has_bias: bool, eps: float, is_rms: bool):
+def _norm_backward_torch(dy, dh, h, weight, want_dweight: bool, want_dbias: bool, eps: float, is_rms: bool):
     """Closed-form backward of the normalisation (float32), for the ops whose kernels are forward-only.
 
     h: (M, N) the normalised input; dy: (M, N); dh: (M, N) or None. Returns (dx, dweight, dbias) in
-    float32; dweight/dbias are None when there is no weight/bias.
+    float32; dweight/dbias are None when not wanted (no weight/bias, or one that needs no gradient).
     """
     hf, g_out = h.float(), dy.float()
     if is_rms:
@@ -121,8 +121,8 @@ def _norm_backward_torch(dy, dh, h, weight, has_bias: bool, eps: float, is_rms: 
     dx = dx * rstd
     if dh is not None:
         dx = dx + dh.float()
-    dweight = None if weight is None else (g_out * xhat).sum(0)
-    dbias = g_out.sum(0) if has_bias else None
+    dweight = (g_out * xhat).sum(0) if want_dweight else None
+    dbias = g_out.sum(0) if want_dbias else None
     return dx, dweight, dbias
 
 
@@ -169,8 +169,13 @@ def _save_common(ctx, x, residual, weight, bias, eps, is_rms):
     ctx.has_residual = residual is not None
     ctx.w_dtype = None if weight is None else weight.dtype
     ctx.b_dtype = None if bias is None else bias.dtype
-    ctx.has_bias = bias is not None
     ctx.eps, ctx.is_rms = eps, is_rms
+
+
+def _wanted_param_grads(ctx) -> tuple[bool, bool]:
+    """Whether the weight's and the bias's gradients are wanted: a frozen one (or none) skips its sums."""
+    return (ctx.w_dtype is not None and ctx.needs_input_grad[2],
+            ctx.b_dtype is not None and ctx.needs_input_grad[3])
 
 
 def _live_grad(grad, has_residual):
@@ -201,20 +206,20 @@ def _(x, residual, weight, bias, eps, is_rms):
 
 @torch.library.custom_op("llmfast::add_norm_bwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
 def _add_norm_bwd_triton(
-    dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor], has_bias: bool,
+    dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor], want_dweight: bool, want_dbias: bool,
     mean: Tensor, rstd: Tensor, is_rms: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from llmfast_kernels.norm import add_norm_bwd
 
     with on_device(h.device):
-        return add_norm_bwd(dy, dh, h, weight, has_bias, mean, rstd, is_rms)
+        return add_norm_bwd(dy, dh, h, weight, want_dweight, want_dbias, mean, rstd, is_rms)
 
 
 @_add_norm_bwd_triton.register_fake
-def _(dy, dh, h, weight, has_bias, mean, rstd, is_rms):
+def _(dy, dh, h, weight, want_dweight, want_dbias, mean, rstd, is_rms):
     hidden = h.shape[1]
-    dweight = h.new_empty(hidden if weight is not None else 0, dtype=torch.float32)
-    dbias = h.new_empty(hidden if has_bias else 0, dtype=torch.float32)
+    dweight = h.new_empty(hidden if want_dweight else 0, dtype=torch.float32)
+    dbias = h.new_empty(hidden if want_dbias else 0, dtype=torch.float32)
     return torch.empty_like(h), dweight, dbias
 
 
@@ -229,7 +234,8 @@ def _setup_triton(ctx, inputs, output):
 def _backward_triton(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     dh = _live_grad(dh, ctx.has_residual)
-    dx, dweight, dbias = _add_norm_bwd_triton(dy.contiguous(), dh, h, weight, ctx.has_bias, mean, rstd, ctx.is_rms)
+    dx, dweight, dbias = _add_norm_bwd_triton(dy.contiguous(), dh, h, weight, *_wanted_param_grads(ctx),
+                                              mean, rstd, ctx.is_rms)
     return _grads_to_inputs(ctx, dx, dweight, dbias)
 
 
@@ -252,7 +258,7 @@ def _setup_cxx(ctx, inputs, output):
 def _backward_cxx(ctx, dy, dh):
     h, weight = ctx.saved_tensors
     dh = _live_grad(dh, ctx.has_residual)
-    dx, dweight, dbias = _norm_backward_torch(dy, dh, h, weight, ctx.has_bias, ctx.eps, ctx.is_rms)
+    dx, dweight, dbias = _norm_backward_torch(dy, dh, h, weight, *_wanted_param_grads(ctx), ctx.eps, ctx.is_rms)
     return _grads_to_inputs(ctx, dx, dweight, dbias)
 
 
