@@ -47,18 +47,22 @@ def save_tokenizer(folder):
         folder)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def checkpoint(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    config = transformers.AutoConfig.for_model(**FAMILIES[request.param])
+def save_checkpoint(folder, **config):
+    """A random HF model of ``config`` and the tokenizer, saved in ``folder``; returns the HF model."""
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.2)  # far from uniform predictions, so that a wrong token shows
     hf.save_pretrained(folder)
     save_tokenizer(folder)
-    return folder, hf
+    return hf
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    return folder, save_checkpoint(folder, **FAMILIES[request.param])
 
 
 def hf_perplexity(hf, token_ids, stride, max_length):
@@ -178,16 +182,8 @@ def test_a_last_window_of_one_token_scores_nothing(checkpoint):
 
 
 def test_a_sliding_window_bounds_the_default_window(tmp_path):
-    config = transformers.AutoConfig.for_model(
-        model_type="mistral", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=20, bos_token_id=1)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    hf.save_pretrained(tmp_path)
-    save_tokenizer(tmp_path)
+    hf = save_checkpoint(tmp_path, **dict(FAMILIES["llama"], model_type="mistral", max_position_embeddings=64,
+                                          sliding_window=20))
     expected = hf_perplexity(hf, tokens_of(tmp_path), 10, 20)
     assert perplexity(tmp_path, TEXT) == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="max_length: the model reads at most 20"):
