@@ -1,7 +1,8 @@
 """Backend registry: which implementations of each op exist, which can run here, and which one to call.
 
 Every public op in ``llmfast.ops`` validates its inputs and then calls ``select(op, backend, device)``
-once; kernels never pick backends or read the environment themselves.
+once; kernels never pick backends or read the environment themselves (how much the Triton autotuners
+search is set here too, from LLMFAST_AUTOTUNE).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from llmfast import _ext
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 ENV_VAR = "LLMFAST_BACKEND"
+AUTOTUNE_ENV_VAR = "LLMFAST_AUTOTUNE"  # "all" (default) or "first": see kernels/tuning.py
 
 
 class BackendUnavailable(RuntimeError):
@@ -129,3 +131,22 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 def select(op: str, backend: str, device: torch.device) -> Callable:
     """The implementation of ``op`` to call for tensors on ``device``."""
     return _REGISTRY[op][resolve(op, backend, device)][0]
+
+
+def autotune_first_only() -> bool:
+    """Whether LLMFAST_AUTOTUNE asks the Triton autotuners for the first config of each kind only."""
+    value = os.environ.get(AUTOTUNE_ENV_VAR, "all")
+    if value not in ("all", "first"):
+        raise ValueError(f"{AUTOTUNE_ENV_VAR}: expected 'all' or 'first', got {value!r}")
+    return value == "first"
+
+
+def configure_triton_autotune() -> None:
+    """Sets the kernels' autotune search from LLMFAST_AUTOTUNE (read here, once, at import: it is set for a
+    whole test run; importing the setting's module needs no Triton)."""
+    from llmfast_kernels import tuning
+
+    tuning.FIRST_ONLY = autotune_first_only()
+
+
+configure_triton_autotune()

@@ -1,8 +1,20 @@
 """LLMFAST_AUTOTUNE=first: the GPU tests' autotuners try one config of each kind, not the whole list."""
+import os
+import subprocess
+import sys
+
 import pytest
 import triton
 
+from llmfast import backends
 from llmfast_kernels import attention, attention_bwd, quant_matmul, tuning
+
+
+def _set(monkeypatch, value):
+    """LLMFAST_AUTOTUNE=value, applied as ``import llmfast`` applies it."""
+    monkeypatch.setenv(backends.AUTOTUNE_ENV_VAR, value)
+    monkeypatch.setattr(tuning, "FIRST_ONLY", tuning.FIRST_ONLY)  # restored after the test
+    backends.configure_triton_autotune()
 
 
 def _configs():
@@ -11,15 +23,15 @@ def _configs():
 
 
 def test_all_is_the_default_and_keeps_every_config(monkeypatch):
-    monkeypatch.delenv(tuning.ENV_VAR, raising=False)
+    monkeypatch.delenv(backends.AUTOTUNE_ENV_VAR, raising=False)
+    assert not backends.autotune_first_only()
     configs = _configs()
-    assert tuning.limit(configs) == configs
-    monkeypatch.setenv(tuning.ENV_VAR, "all")
+    _set(monkeypatch, "all")
     assert tuning.limit(configs) == configs
 
 
 def test_first_keeps_the_first_config_of_each_load_kind(monkeypatch):
-    monkeypatch.setenv(tuning.ENV_VAR, "first")
+    _set(monkeypatch, "first")
     configs = _configs()
     assert tuning.limit(configs) == [configs[0], configs[2]]
     plain = [triton.Config({"BLOCK_N": n}) for n in (32, 64)]  # kernels without USE_TMA
@@ -27,14 +39,27 @@ def test_first_keeps_the_first_config_of_each_load_kind(monkeypatch):
 
 
 def test_a_bad_value_names_the_variable(monkeypatch):
-    monkeypatch.setenv(tuning.ENV_VAR, "fast")
+    monkeypatch.setenv(backends.AUTOTUNE_ENV_VAR, "fast")
     with pytest.raises(ValueError, match="LLMFAST_AUTOTUNE"):
-        tuning.limit(_configs())
+        backends.autotune_first_only()
+
+
+def test_importing_llmfast_applies_the_variable_and_no_kernel_file_reads_the_environment():
+    code = "import llmfast; from llmfast_kernels import tuning; print(tuning.FIRST_ONLY)"
+    for value, expected in (("first", "True"), ("all", "False")):
+        env = dict(os.environ, LLMFAST_AUTOTUNE=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
+    for path in os.listdir(os.path.dirname(tuning.__file__)):
+        if path.endswith(".py"):
+            with open(os.path.join(os.path.dirname(tuning.__file__), path)) as f:
+                source = f.read()
+            assert "os.environ" not in source and "getenv" not in source, path
 
 
 @pytest.mark.parametrize("value, expected", [("all", None), ("first", 1)])
 def test_the_quant_and_attention_autotuners_take_the_limit(monkeypatch, value, expected):
-    monkeypatch.setenv(tuning.ENV_VAR, value)
+    _set(monkeypatch, value)
     tuner = quant_matmul._autotuned.__wrapped__("tiled", 128)
     assert len(tuner.configs) == (expected or len(quant_matmul._tiled_cuda_configs()))
     # attention prunes on the GPU; properties without a shared-memory limit skip the check, so this runs here
@@ -49,7 +74,7 @@ def test_the_quant_and_attention_autotuners_take_the_limit(monkeypatch, value, e
 def test_fp32_attention_tiles_are_pruned_at_four_bytes_an_element(monkeypatch):
     """Unpruned, an fp32 backward at head dim 128 on an H100 tried only configs over its shared memory
     (compiled for sm_90: 295 KB for the first dk/dv config), and LLMFAST_AUTOTUNE=first launched one."""
-    monkeypatch.setenv(tuning.ENV_VAR, "first")
+    _set(monkeypatch, "first")
     limit = 232448  # sm_90's shared memory per block
     props = type("Props", (), {"shared_memory_per_block_optin": limit})()
     monkeypatch.setattr(attention.torch.cuda, "get_device_properties", lambda device: props)
