@@ -16,6 +16,9 @@ from helpers import assert_close_2x, mean_pooled_embeddings, tiny_decoder_config
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built from a config; never reach the Hub
 transformers = pytest.importorskip("transformers")
 sdpa_attention = pytest.importorskip("transformers.integrations.sdpa_attention")
+# transformers' table of attention functions takes SDPA's function when modeling_utils is first imported:
+# imported here, before ``no_sdpa_fallback`` replaces it, the unpatched models keep the real one
+pytest.importorskip("transformers.modeling_utils")
 
 ATOL = 1e-4
 VOCAB = 100
