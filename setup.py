@@ -38,6 +38,21 @@ def cuda_arch_flags() -> list[str]:
     return flags
 
 
+def cuda_build_blocker(torch_cuda: str | None, cuda_home: str | None, cuda_sources: list[str]) -> str | None:
+    """Why llmfast._C_cuda cannot be built here, or None. torch finds a CUDA_HOME wherever /usr/local/cuda
+    exists, also a runtime-only one without the compiler: that would fail the whole install."""
+    if torch_cuda is None:
+        return "torch is a CPU build"
+    if cuda_home is None:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if not os.access(nvcc, os.X_OK):
+        return f"no nvcc at {nvcc} (a CUDA runtime without the toolkit?)"
+    if not cuda_sources:
+        return "no csrc/cuda/*.cu"
+    return None
+
+
 def extensions() -> list:
     exts = [
         CppExtension(
@@ -48,8 +63,9 @@ def extensions() -> list:
         )
     ]
     cuda_sources = sources("csrc/cuda/*.cu")
-    if torch.version.cuda is None or CUDA_HOME is None or not cuda_sources:
-        print("llmfast: skipping llmfast._C_cuda (needs a CUDA build of torch, nvcc and csrc/cuda/*.cu)")
+    blocker = cuda_build_blocker(torch.version.cuda, CUDA_HOME, cuda_sources)
+    if blocker is not None:
+        print(f"llmfast: skipping llmfast._C_cuda: {blocker}")
         return exts
     exts.append(
         CUDAExtension(

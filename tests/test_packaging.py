@@ -1,5 +1,8 @@
-"""The Triton kernels ship as llmfast_kernels; no top-level `kernels` is installed or importable."""
+"""The Triton kernels ship as llmfast_kernels: no top-level `kernels` is installed, and from the repo root the
+kernels/ folder never shadows a `kernels` package. The compiled extensions are optional at import."""
+import ast
 import importlib
+import os
 import pathlib
 import subprocess
 import sys
@@ -81,6 +84,56 @@ TEST_DEPENDENCIES = ["transformers", "tokenizers", "openai", "httpx", "fastapi",
 @pytest.mark.parametrize("module", TEST_DEPENDENCIES)
 def test_the_test_dependencies_are_installed(module):
     importlib.import_module(module)
+
+
+def _setup_function(name):
+    """A top-level function of setup.py, without running setup.py (which calls setup() on import)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    (node,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    namespace = {"os": os}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+def test_the_cuda_extension_is_skipped_without_nvcc(tmp_path):
+    """torch reports /usr/local/cuda as CUDA_HOME wherever it exists, also a runtime-only one without nvcc:
+    building there failed the whole install instead of skipping llmfast._C_cuda."""
+    blocker = _setup_function("cuda_build_blocker")
+    sources = ["csrc/cuda/norm.cu"]
+    assert blocker(None, "/usr/local/cuda", sources) == "torch is a CPU build"
+    assert "no CUDA toolkit" in blocker("12.8", None, sources)
+    assert "no nvcc at" in blocker("12.8", str(tmp_path), sources)  # a CUDA_HOME without bin/nvcc
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    assert blocker("12.8", str(tmp_path), sources) is None
+    assert blocker("12.8", str(tmp_path), []) == "no csrc/cuda/*.cu"
+
+
+def test_llmfast_imports_without_its_cpu_extension(tmp_path):
+    """With llmfast._C missing, import works, no op lists the cpu backend, asking for it names the
+    extension, and "auto" falls back to the reference."""
+    code = (
+        "import sys; sys.modules['llmfast._C'] = None\n"  # makes `import llmfast._C` raise ImportError
+        "import torch, llmfast\n"
+        "from llmfast.ops import add_rms_norm\n"
+        "for op in ('add_rms_norm', 'quant_matmul', 'paged_attention', 'write_kv_cache'):\n"
+        "    assert 'cpu' not in llmfast.available_backends(op), op\n"
+        "x = torch.randn(2, 8)\n"
+        "try:\n"
+        "    add_rms_norm(x, None, None, backend='cpu')\n"
+        "    print('no error')\n"
+        "except llmfast.BackendUnavailable as e:\n"
+        "    print(e)\n"
+        "y, _ = add_rms_norm(x, None, None)\n"
+        "print(torch.equal(y, add_rms_norm(x, None, None, backend='reference')[0]))\n"
+    )
+    result = _python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    error, same = result.stdout.strip().splitlines()
+    assert "the C++ extension llmfast._C is not built" in error
+    assert same == "True"
 
 
 def test_cpu_extension_is_built_and_loaded():
