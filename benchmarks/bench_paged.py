@@ -2,7 +2,7 @@
 plus write_kv_cache, measured in the same run. GPU only.
 
     python -m benchmarks.bench_paged            # the issue's grid -> results/{gpu}_paged.json, .png
-    python -m benchmarks.bench_paged --quick    # two small cases -> results/{gpu}_paged_partial.*
+    python -m benchmarks.bench_paged --quick    # two small cases, results to a temporary folder (or --out-dir)
 
 Bytes counted, the same for every implementation (so TB/s ratios are ms ratios), 2 B each:
     decode          K + V read: 2 * batch * context * kv_heads * head_dim (q and o are < 0.1% of it)
@@ -12,11 +12,14 @@ as contiguous (batch, kv_heads, context, head_dim) tensors and ``enable_gqa=True
 Our ops are timed as the engine's CUDA graphs call them, the backend's kernel alone: the public ops
 check index values on the host (a sync and 0.04-0.16 ms of Python per call, timed on CPU), so they run
 once first, for those checks.
+Targets (BENCHMARKS.md), marked on our decode rows: >= 2.7 TB/s at 64 x 4096 and >= 1.5 TB/s at 1 x 4096
+("target_tb_s", "meets_target"); at least SDPA on the contiguous cache everywhere ("vs_sdpa" >= 1, "meets_sdpa").
 """
 from __future__ import annotations
 
 import argparse
 import gc
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,18 @@ import torch.nn.functional as F
 import llmfast
 from llmfast.backends import select
 from llmfast.ops.paged import paged_attention, write_kv_cache
-from .common import COPY_TB_S, bench_ms, measure_copy_tb_s, plot_bars, print_table, save_results, tb_per_s
+from . import common
+from .common import (
+    COPY_TB_S,
+    bench_ms,
+    group_rows,
+    mark_target,
+    measure_copy_tb_s,
+    plot_bars,
+    print_table,
+    save_results,
+    tb_per_s,
+)
 
 CASES = [(1, 4096), (1, 32768), (64, 1024), (64, 4096), (256, 2048)]  # (batch, context)
 QUICK_CASES = [(1, 1024), (8, 512)]
@@ -32,6 +46,10 @@ WRITE_TOKENS = [256, 16384]  # one decode step of 256 sequences; one prefill chu
 QUICK_WRITE_TOKENS = [64]
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 OUR_BACKENDS = ("triton", "cuda")
+SDPA = "sdpa (contiguous cache)"
+# BENCHMARKS.md: TB/s of K+V read by ours at (batch, context), and at least SDPA's speed at every case
+TARGETS_TB_S = {(64, 4096): 2.7, (1, 4096): 1.5}
+TARGET_VS_SDPA = 1.0
 REL_ERR = 0.02  # ||ours - sdpa|| / ||sdpa|| in bf16: a correct kernel differs by a rounding or two (~0.4%)
 
 
@@ -54,7 +72,7 @@ def _paged_inputs(batch: int, context: int):
 def run_decode(batch: int, context: int, runnable: list[str]) -> list[dict]:
     torch.manual_seed(0)
     q, k_cache, v_cache, block_tables, context_lens, k, v = _paged_inputs(batch, context)
-    impls = {"sdpa (contiguous cache)": lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)}
+    impls = {SDPA: lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)}
     for backend in OUR_BACKENDS:
         if backend in runnable:
             checked = paged_attention(q, k_cache, v_cache, block_tables, context_lens, backend=backend)
@@ -64,7 +82,7 @@ def run_decode(batch: int, context: int, runnable: list[str]) -> list[dict]:
                 softmax_scale=HEAD_DIM ** -0.5)
             if not torch.equal(impls[f"ours ({backend})"](), checked):
                 raise AssertionError(f"paged_attention ({backend}): the kernel alone differs from the public op")
-    expected = impls["sdpa (contiguous cache)"]()[:, :, 0]
+    expected = impls[SDPA]()[:, :, 0]
     nbytes = 2 * k.numel() * k.element_size()
     rows = []
     for name, fn in impls.items():
@@ -80,10 +98,22 @@ def run_decode(batch: int, context: int, runnable: list[str]) -> list[dict]:
         tb_s = tb_per_s(nbytes, ms)
         rows.append({**row, "ms": ms, "tb_s": tb_s, "roofline": tb_s / COPY_TB_S})
         print(f"  decode {batch:4}x{context:<6} {name:24} {ms:8.4f} ms  {tb_s:6.3f} TB/s", flush=True)
-    sdpa_ms = rows[0]["ms"]
-    for row in rows[1:]:
-        row["vs_sdpa"] = sdpa_ms / row["ms"]
     return rows
+
+
+def mark_targets(rows: list[dict]) -> None:
+    """Our decode rows against BENCHMARKS.md: ``vs_sdpa`` (SDPA ms / ours) and ``meets_sdpa`` at every case;
+    ``target_tb_s`` and ``meets_target`` at the cases of TARGETS_TB_S."""
+    for case in group_rows([r for r in rows if r["op"] == "decode"], ("batch", "context")):
+        sdpa = next((r for r in case if r["impl"] == SDPA), None)
+        for row in case:
+            if not row["ours"]:
+                continue
+            if sdpa is not None:
+                row["vs_sdpa"] = sdpa["ms"] / row["ms"]
+                mark_target(row, "vs_sdpa", TARGET_VS_SDPA, "meets_sdpa")
+            if (row["batch"], row["context"]) in TARGETS_TB_S:
+                mark_target(row, "tb_s", TARGETS_TB_S[row["batch"], row["context"]])
 
 
 def run_write(tokens: int, runnable: list[str]) -> list[dict]:
@@ -119,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_paged", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"cases {QUICK_CASES}: a smoke run")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="only cuda runs this benchmark")
+    parser.add_argument("--out-dir", type=Path, help="where JSON + PNG go (default benchmarks/results/; "
+                        "--quick: a temporary folder)")
     args = parser.parse_args(argv)
     if args.device != "cuda" or not torch.cuda.is_available():
         print("bench_paged: needs a CUDA GPU (it compares GPU kernels with SDPA on the GPU); nothing was run")
@@ -129,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({llmfast.available_backends('paged_attention')}); nothing was run")
         return 2
     cases, write_tokens = (QUICK_CASES, QUICK_WRITE_TOKENS) if args.quick else (CASES, WRITE_TOKENS)
-    name = "paged_partial" if args.quick else "paged"  # a smoke run must not overwrite the grid's results
+    name = "paged_partial" if args.quick else "paged"  # not even with --out-dir benchmarks/results
 
     copy_tb_s = measure_copy_tb_s()
     print(f"device-to-device copy here: {copy_tb_s:.2f} TB/s (H100 in BENCHMARKS.md: {COPY_TB_S})")
@@ -141,12 +173,32 @@ def main(argv: list[str] | None = None) -> int:
     write_runnable = [b for b in llmfast.available_backends("write_kv_cache") if b in OUR_BACKENDS]
     for tokens in write_tokens:
         rows += run_write(tokens, write_runnable)
+    mark_targets(rows)
 
+    with common.results_dir(common.out_dir(args, "paged")):
+        save(name, rows, cases, write_tokens, copy_tb_s)
+
+    print()
+    print_table([{
+        "op": r["op"], "shape": f"{r['batch']}x{r['context']}" if r["op"] == "decode" else f"{r['tokens']} tokens",
+        "impl": r["impl"], "ms": r["ms"], "TB/s": r["tb_s"], f"% of {COPY_TB_S} TB/s": 100 * r["roofline"],
+        "x sdpa": r.get("vs_sdpa", ""), ">= sdpa": r.get("meets_sdpa", ""),
+        "target TB/s": r.get("target_tb_s", ""), "met": r.get("meets_target", ""),
+    } for r in rows], ["op", "shape", "impl", "ms", "TB/s", f"% of {COPY_TB_S} TB/s", "x sdpa", ">= sdpa",
+                       "target TB/s", "met"])
+    return 0
+
+
+def save(name: str, rows: list[dict], cases: list[tuple[int, int]], write_tokens: list[int],
+         copy_tb_s: float | None) -> None:
+    """results/{gpu}_{name}.json and .png: every row; TB/s per case and implementation."""
     save_results(name, {
         "bytes": "decode: K + V read, 2*batch*context*kv_heads*head_dim*2; "
                  "write_kv_cache: k, v read + written, 4*tokens*kv_heads*head_dim*2",
         "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE},
-        "roofline_tb_s": COPY_TB_S, "copy_tb_s_measured": copy_tb_s, "dtype": "bfloat16", "results": rows,
+        "roofline_tb_s": COPY_TB_S, "copy_tb_s_measured": copy_tb_s, "dtype": "bfloat16",
+        "targets_tb_s": {f"{b}x{c}": t for (b, c), t in TARGETS_TB_S.items()}, "target_vs_sdpa": TARGET_VS_SDPA,
+        "results": rows,
     }, packages=("llmfast",))
     labels = [f"{b}x{c}" for b, c in cases]
     decode = [r for r in rows if r["op"] == "decode"]
@@ -161,14 +213,6 @@ def main(argv: list[str] | None = None) -> int:
             i: [write_tb.get((i, x)) for x in write_labels] for i in dict.fromkeys(r["impl"] for r in writes)}),
     }, ylabel="TB/s", hline=COPY_TB_S, hline_label=f"H100 copy, {COPY_TB_S} TB/s",
         title=f"paged KV cache, GQA {HEADS}/{KV_HEADS}, D={HEAD_DIM}, bf16, {torch.cuda.get_device_name()}")
-
-    print()
-    print_table([{
-        "op": r["op"], "shape": f"{r['batch']}x{r['context']}" if r["op"] == "decode" else f"{r['tokens']} tokens",
-        "impl": r["impl"], "ms": r["ms"], "TB/s": r["tb_s"], f"% of {COPY_TB_S} TB/s": 100 * r["roofline"],
-        "x sdpa": r.get("vs_sdpa", ""),
-    } for r in rows], ["op", "shape", "impl", "ms", "TB/s", f"% of {COPY_TB_S} TB/s", "x sdpa"])
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +26,16 @@ import torch.nn.functional as F
 import llmfast
 from llmfast.quant import QuantizedWeight, quantize, unpack_int4
 from . import bench_quant_cpu, common
-from .common import COPY_TB_S, bench_ms, default_device, measure_copy_tb_s, plot_bars, print_table, save_results
+from .common import (
+    COPY_TB_S,
+    bench_ms,
+    default_device,
+    mark_target,
+    measure_copy_tb_s,
+    plot_bars,
+    print_table,
+    save_results,
+)
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N
 MS = [1, 4, 16, 32, 64, 128, 256]
@@ -127,16 +135,8 @@ def run_case(k: int, n: int, m: int, impls: dict, device: torch.device) -> list[
             row["x_bf16"] = peer_ms / row["ms"]
             target = TARGETS.get(row["impl"], {}).get(m) if (k, n) in TARGET_SHAPES else None
             if target is not None:
-                row["target_x_bf16"] = target
-                row["meets_target"] = row["x_bf16"] >= target
+                mark_target(row, "x_bf16", target)
     return rows
-
-
-def _out_dir(args: argparse.Namespace) -> Path | None:
-    """Where results go: --out-dir, a fresh temporary folder for --quick, else benchmarks/results/ (None)."""
-    if args.out_dir is not None:
-        return args.out_dir
-    return Path(tempfile.mkdtemp(prefix="llmfast_bench_quant_")) if args.quick else None
 
 
 def run_cpu(args: argparse.Namespace) -> int:
@@ -146,7 +146,7 @@ def run_cpu(args: argparse.Namespace) -> int:
         argv += ["--shapes", ",".join(f"{k}x{n}" for k, n in args.shapes)]
     if args.m:
         argv += ["--m", ",".join(map(str, args.m))]
-    out_dir = _out_dir(args)
+    out_dir = common.out_dir(args, "quant")
     if out_dir is not None:
         argv += ["--out-dir", str(out_dir)]
     return bench_quant_cpu.main(argv)
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         torch.cuda.empty_cache()
 
-    with common.results_dir(_out_dir(args)):
+    with common.results_dir(common.out_dir(args, "quant")):
         save(name, rows, shapes, ms_list, copy_tb_s, device)
 
     roofline = f"% of {COPY_TB_S} TB/s"

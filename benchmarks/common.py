@@ -15,6 +15,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -135,9 +136,29 @@ def measure_copy_tb_s(nbytes: int = 2 << 30) -> float | None:
     return tb_per_s(2 * nbytes, ms)
 
 
+def group_rows(rows: Sequence[dict], keys: Sequence[str]) -> list[list[dict]]:
+    """``rows`` grouped by their values of ``keys`` (e.g. one group per measured case), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
+    return list(groups.values())
+
+
+def mark_target(row: dict, field: str, target: float, flag: str = "meets_target") -> bool | None:
+    """Marks ``row[field] >= target``: sets ``row["target_" + field]`` and ``row[flag]``, and returns the flag.
+    Nothing (None) where ``row[field]`` was not measured."""
+    if row.get(field) is None:
+        return None
+    row["target_" + field] = target
+    row[flag] = row[field] >= target
+    return row[flag]
+
+
 def _cell(value: object) -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, bool):  # a target's pass/fail
+        return "yes" if value else "no"
     if isinstance(value, float):
         if abs(value) >= 100:
             return f"{value:.0f}"
@@ -203,6 +224,14 @@ def results_path(name: str, suffix: str, device: torch.device | str | None = Non
     if tag == "cpu" and cpu_without_avx512():
         name += "_avx2"
     return directory / f"{tag}_{name}{suffix}"
+
+
+def out_dir(args: argparse.Namespace, name: str) -> Path | None:
+    """Where a run's JSON + PNG go: ``args.out_dir``; else, for ``--quick``, a fresh temporary folder (a smoke
+    run never touches the committed results); else None, benchmarks/results/. Use with results_dir."""
+    if args.out_dir is None and args.quick:
+        return Path(tempfile.mkdtemp(prefix=f"llmfast_bench_{name}_"))
+    return args.out_dir
 
 
 @contextlib.contextmanager

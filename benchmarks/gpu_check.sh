@@ -12,7 +12,7 @@
 # Test steps set LLMFAST_AUTOTUNE=first (kernels/tuning.py): each autotuned kernel compiles and runs the
 # first config that fits of each kind, not all ~50 for each of ~30 attention sets. Benchmarks tune fully.
 # One call runs at most 600 s: give each benchmark a call of its own (bench_throughput: one --parts each).
-# --quick runs of bench_quant and bench_throughput write to a temp folder: smoke tests, not collected.
+# --quick runs of the benchmarks write to a temp folder: smoke tests, not collected.
 # The running step's log is also $OUT/current_step.log, so a step killed at the time limit leaves it.
 #
 # Carried wheels in .whl/ (e.g. liger_kernel, pytest) are installed to /tmp/site first.
