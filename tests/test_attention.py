@@ -285,6 +285,32 @@ def test_attention_compiles_fullgraph(backend):
         torch.testing.assert_close(compiled, eager)
 
 
+def test_compiled_varlen_triton_checks_cu_seqlens_when_it_runs():
+    """torch.compile traces varlen attention without reading cu_seqlens; the compiled graph's Triton forward
+    reads them when it runs: offsets past the tokens would send the kernels outside q, k and v. Valid ones
+    give the eager result, forward and backward."""
+    require_backend("triton", "attention")
+    fn = lambda q, k, v, cu_q, cu_k: attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,  # noqa: E731
+                                                max_seqlen_q=4, max_seqlen_k=5, backend="triton")
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    args = _varlen_args()
+    q, k, v = (args[name].requires_grad_() for name in ("q", "k", "v"))
+    out = compiled(q, k, v, args["cu_seqlens_q"], args["cu_seqlens_k"])
+    out.sum().backward()
+    grads = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    eager = fn(q, k, v, args["cu_seqlens_q"], args["cu_seqlens_k"])
+    eager.sum().backward()
+    for got, expected in zip((out, *grads), (eager, q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, expected)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="cu_seqlens_k: expected to end at the number of tokens 9, got 4000"):
+            compiled(q, k, v, args["cu_seqlens_q"], _cu_seqlens([4, 3996]))
+        with pytest.raises(ValueError, match="max_seqlen_q: expected at least the longest sequence length 5"):
+            compiled(q, k, v, _cu_seqlens([1, 5]), args["cu_seqlens_k"])
+
+
 def _dense_args(**changes):
     args = dict(q=_randn(2, 5, 4, 32), k=_randn(2, 7, 2, 32), v=_randn(2, 7, 2, 32))
     return {**args, **changes}

@@ -196,8 +196,18 @@ def test_paged_attention_softmax_scale_and_empty_context(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_write_kv_cache(backend, dtype, block_size, kv_heads, head_major):
+    _check_write_kv_cache(backend, dtype, block_size, kv_heads, 64, head_major)
+
+
+@pytest.mark.parametrize("head_dim, kv_heads", [(80, 3), (128, 8), (256, 2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_kv_cache_head_dims(backend, head_dim, kv_heads):
+    _check_write_kv_cache(backend, torch.bfloat16, 16, kv_heads, head_dim, head_major=False)
+
+
+def _check_write_kv_cache(backend, dtype, block_size, kv_heads, head_dim, head_major):
     require_backend(backend, "write_kv_cache")
-    num_blocks, tokens, head_dim = 64 // block_size + 3, 37, 64
+    num_blocks, tokens = 64 // block_size + 3, 37
     k, v = _randn(tokens, kv_heads, head_dim, dtype=dtype), _randn(tokens, kv_heads, head_dim, dtype=dtype)
     slots = torch.randperm(num_blocks * block_size)[:tokens]
     slots[::5] = -1  # padding tokens: skipped
@@ -323,6 +333,30 @@ def test_cpu_ops_called_directly_check_their_indices(call, match):
         call(torch.ops.llmfast, torch.zeros(2, 4, 2, 8))
 
 
+COMPILED_BAD_INDICES = [  # (call, the ValueError's message): values a compiled graph could not read when traced
+    (lambda q, kc, bt, cl, cu, slots: write_kv_cache(q[:, :2], q[:, :2], kc, kc.clone(), slots, backend="triton"),
+     r"slot_mapping: expected slots in \[0, 64\)"),
+    (lambda q, kc, bt, cl, cu, slots: paged_attention(q, kc, kc, bt, cl, backend="triton"),
+     r"block_tables: expected block ids in \[0, 8\)"),
+    (lambda q, kc, bt, cl, cu, slots: paged_attention(q, kc, kc, bt * 0, cl, cu_seqlens_q=cu, max_seqlen_q=1,
+                                                      backend="triton"),
+     "cu_seqlens_q: expected to end at the number of tokens 1"),
+]
+
+
+@pytest.mark.parametrize("call, match", COMPILED_BAD_INDICES)
+def test_triton_ops_in_a_compiled_graph_check_the_index_values_when_they_run(call, match):
+    """torch.compile traces the ops without their values; the compiled graph's Triton ops read them when they
+    run. Unchecked, a block id of 10**6 made the interpreter's process segfault (on a GPU: an illegal access)."""
+    require_backend("triton", "paged_attention")
+    q, kc = _randn(1, 4, 8), _randn(8, 8, 2, 8)
+    bt, cl = _int32([10**6]).view(1, 1).to(DEVICE), _int32(5).to(DEVICE)
+    cu, slots = _int32(0, 2).to(DEVICE), torch.tensor([10**6], device=DEVICE)
+    compiled = torch.compile(call, fullgraph=True, backend="eager")
+    with pytest.raises(ValueError, match=match):
+        compiled(q, kc, bt, cl, cu, slots)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mqa_caches_whose_head_dim_strides_differ(backend):
     """kv_heads = 1: the size-1 head dim's stride can differ between k_cache and v_cache (it is never
@@ -373,10 +407,12 @@ BAD_WRITES = [
 
 
 @pytest.mark.parametrize("make_args, error, match", BAD_WRITES)
-def test_write_kv_cache_bad_inputs(make_args, error, match):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_kv_cache_bad_inputs(backend, make_args, error, match):
+    require_backend(backend, "write_kv_cache", torch.device("cpu"))
     args = make_args()
     with pytest.raises(error, match=match):
-        write_kv_cache(**args, backend="reference")
+        write_kv_cache(**args, backend=backend)
 
 
 def _paged_args(**changes):
@@ -436,10 +472,12 @@ BAD_PAGED = [
 
 
 @pytest.mark.parametrize("make_args, error, match", BAD_PAGED)
-def test_paged_attention_bad_inputs(make_args, error, match):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_attention_bad_inputs(backend, make_args, error, match):
+    require_backend(backend, "paged_attention", torch.device("cpu"))
     args = make_args()
     with pytest.raises(error, match=match):
-        paged_attention(**args, backend="reference")
+        paged_attention(**args, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

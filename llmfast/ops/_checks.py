@@ -118,17 +118,16 @@ def check_traced_max_seqlen(name: str, value: object, cu_name: str) -> int:
     return value
 
 
-def check_cu_seqlens(name: str, cu_seqlens: object, num_tokens: int, device: torch.device) -> list[int] | None:
-    """``cu_seqlens`` is int32 ``(batch+1,)``: 0, then non-decreasing, ending at ``num_tokens``.
-
-    Returns the per-sequence lengths as a host list (one device sync); None under torch.compile, where
-    only its dtype and shape are checked (``values_readable``).
-    """
+def check_cu_seqlens_shape(name: str, cu_seqlens: object, device: torch.device) -> None:
+    """``cu_seqlens`` is an int32 ``(batch+1,)`` tensor on ``device`` (its values unread)."""
     check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
     if cu_seqlens.numel() == 0:
         raise ValueError(f"{name}: expected shape (batch+1,) starting with 0, got an empty tensor")
-    if not values_readable():
-        return None
+
+
+def cu_seqlens_lengths(name: str, cu_seqlens: torch.Tensor, num_tokens: int) -> list[int]:
+    """The per-sequence lengths of a ``cu_seqlens`` of valid shape (one host read), after checking its values:
+    0, then non-decreasing, ending at ``num_tokens``."""
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"{name}: expected to start at 0, got {offsets[0]}")

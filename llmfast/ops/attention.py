@@ -9,7 +9,7 @@ from llmfast.backends import register, select
 from llmfast.device import on_device
 from llmfast.ops._checks import (
     FLOAT_DTYPES,
-    check_cu_seqlens,
+    check_cu_seqlens_shape,
     check_heads,
     check_max_seqlen,
     check_positive_float,
@@ -18,6 +18,7 @@ from llmfast.ops._checks import (
     check_tensor,
     check_traced_max_seqlen,
     contiguous_index,
+    cu_seqlens_lengths,
     values_readable,
 )
 
@@ -106,44 +107,57 @@ def _check_attention_inputs(
     check_heads("q", q.shape[-2], "k", k.shape[-2])
 
     if varlen:
-        lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        check_cu_seqlens_shape("cu_seqlens_q", cu_seqlens_q, q.device)
+        check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k, q.device)
+        if values_readable():
+            max_seqlen_q, max_seqlen_k = _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                              max_seqlen_k)
+        else:  # traced by torch.compile
+            max_seqlen_q = check_traced_max_seqlen("max_seqlen_q", max_seqlen_q, "cu_seqlens_q")
+            max_seqlen_k = check_traced_max_seqlen("max_seqlen_k", max_seqlen_k, "cu_seqlens_k")
         if cu_seqlens_k.shape != cu_seqlens_q.shape:
             raise ValueError(
                 f"cu_seqlens_k: expected shape {tuple(cu_seqlens_q.shape)}, as cu_seqlens_q, "
                 f"got {tuple(cu_seqlens_k.shape)}"
             )
-        if lengths_q is None:  # traced by torch.compile
-            max_seqlen_q = check_traced_max_seqlen("max_seqlen_q", max_seqlen_q, "cu_seqlens_q")
-            max_seqlen_k = check_traced_max_seqlen("max_seqlen_k", max_seqlen_k, "cu_seqlens_k")
-        else:
-            max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q, max(lengths_q, default=0))
-            max_seqlen_k = check_max_seqlen("max_seqlen_k", max_seqlen_k, max(lengths_k, default=0))
 
     if softmax_scale is None:
         softmax_scale = head_dim**-0.5
     return check_positive_float("softmax_scale", softmax_scale), max_seqlen_q, max_seqlen_k
 
 
+def _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:
+    """The cu_seqlens values (host reads) of inputs whose shapes are valid; returns the max_seqlen_* to use."""
+    lengths_q = cu_seqlens_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    lengths_k = cu_seqlens_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    return (check_max_seqlen("max_seqlen_q", max_seqlen_q, max(lengths_q, default=0)),
+            check_max_seqlen("max_seqlen_k", max_seqlen_k, max(lengths_k, default=0)))
+
+
 # triton ---------------------------------------------------------------------------------------
 # Forward and backward are torch custom ops with fake implementations, so torch.compile(fullgraph=True)
 # keeps each one as an opaque node; the forward returns the log-sum-exp that the backward needs.
+# ``check_values``: the caller could not read cu_seqlens (torch.compile traced it), so the forward reads them
+# when it runs, if it may then (not under CUDA-graph capture nor ``trusted_index_values``): offsets past the
+# tokens would send the kernels outside q, k and v.
 
 
 @torch.library.custom_op("llmfast::attention_fwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
 def _attention_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-    max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float, check_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from llmfast_kernels.attention import attention_fwd
 
+    if check_values and values_readable():
+        _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     with on_device(q.device):
         return attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale)
 
 
 @_attention_fwd_triton.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, check_values):
     rows = q.shape[0] if cu_seqlens_q is not None else q.shape[0] * q.shape[1]
     o = q.new_empty(q.shape)  # contiguous, as the kernel writes it
     return o, q.new_empty((q.shape[-2], rows), dtype=torch.float32)  # lse: (heads, rows)
@@ -169,7 +183,7 @@ def _(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 
 def _setup_attention_triton(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, _ = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k)
@@ -183,7 +197,7 @@ def _backward_attention_triton(ctx, do, _dlse):
         do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.softmax_scale,
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention_fwd_triton.register_autograd(_backward_attention_triton, setup_context=_setup_attention_triton)
@@ -206,7 +220,8 @@ def attention_triton(
     if cu_seqlens_q is None:  # dense: the kernels read the lengths from the shapes
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
     o, _ = _attention_fwd_triton(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+        cu_seqlens_q is not None and not values_readable(),
     )
     return o
 

@@ -10,7 +10,7 @@ from llmfast.backends import register, select
 from llmfast.device import on_device
 from llmfast.ops._checks import (
     FLOAT_DTYPES,
-    check_cu_seqlens,
+    check_cu_seqlens_shape,
     check_heads,
     check_max_seqlen,
     check_positive_float,
@@ -19,6 +19,7 @@ from llmfast.ops._checks import (
     check_tensor,
     check_traced_max_seqlen,
     contiguous_index,
+    cu_seqlens_lengths,
     values_readable,
 )
 from llmfast.ops.attention import MAX_HEAD_DIM, dense_attention_reference
@@ -71,8 +72,14 @@ def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
     _check_block_size(k_cache)
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), device=k.device)
     check_shape("slot_mapping", slot_mapping, (tokens,), "(tokens,), one slot per row of k")
+    if values_readable():
+        _check_slot_values(slot_mapping, k_cache)
+
+
+def _check_slot_values(slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """Every slot is -1 or inside the cache (one host read)."""
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    if tokens > 0 and values_readable():
+    if slot_mapping.numel() > 0:
         lo, hi = torch.stack([slot_mapping.min(), slot_mapping.max()]).tolist()
         if lo < -1 or hi >= num_slots:
             raise ValueError(
@@ -97,27 +104,41 @@ def _cxx_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     return (k_cache.size(3) == 1 or k_cache.stride(3) == 1) and k_cache.stride() == v_cache.stride()
 
 
+# The Triton ops take ``check_values``: true when the caller could not read the index values (torch.compile
+# traced it), so the op reads them when it runs, if it may then (not under CUDA-graph capture nor
+# ``trusted_index_values``). Unchecked, a block id or slot out of range makes the kernel read or write
+# outside the cache: an illegal memory access on the GPU, a crash of the interpreter's process on CPU.
+
+
+def _unchecked_values() -> bool:
+    """Whether the public op could not read the index values just now (see above)."""
+    return not values_readable()
+
+
 @torch.library.custom_op(
     "llmfast::write_kv_cache_triton", mutates_args=("k_cache", "v_cache"), device_types=("cuda", "cpu")
 )
 def _write_kv_cache_triton_op(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    check_values: bool,
 ) -> None:
     from llmfast_kernels.paged import write_kv_cache as launch
 
+    if check_values and values_readable():
+        _check_slot_values(slot_mapping, k_cache)
     with on_device(k.device):
         launch(k, v, k_cache, v_cache, slot_mapping)
 
 
 @_write_kv_cache_triton_op.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping):
+def _(k, v, k_cache, v_cache, slot_mapping, check_values):
     return None
 
 
 def _write_kv_cache_triton(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    _write_kv_cache_triton_op(k, v, k_cache, v_cache, slot_mapping)
+    _write_kv_cache_triton_op(k, v, k_cache, v_cache, slot_mapping, _unchecked_values())
 
 
 def _write_kv_cache_cxx(device_type: str):
@@ -220,7 +241,7 @@ def _check_paged_attention_inputs(
             raise ValueError(f"max_seqlen_q: only used with cu_seqlens_q (chunked prefill), got {max_seqlen_q}")
         check_shape("q", q, (num_seqs, None, None), f"{q_layout}, one query per row of block_tables")
     else:
-        lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        check_cu_seqlens_shape("cu_seqlens_q", cu_seqlens_q, q.device)
         if cu_seqlens_q.shape[0] != num_seqs + 1:
             raise ValueError(
                 f"cu_seqlens_q: expected shape ({num_seqs + 1},) (num_seqs+1,), got {tuple(cu_seqlens_q.shape)}"
@@ -232,7 +253,15 @@ def _check_paged_attention_inputs(
         if not decode:
             max_seqlen_q = check_traced_max_seqlen("max_seqlen_q", max_seqlen_q, "cu_seqlens_q")
         return softmax_scale, max_seqlen_q
+    return softmax_scale, _check_paged_index_values(q, k_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q)
 
+
+def _check_paged_index_values(q, k_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q) -> int | None:
+    """The index values (host reads) of inputs whose shapes are valid; returns max_seqlen_q filled in."""
+    decode = cu_seqlens_q is None
+    num_blocks, block_size = k_cache.shape[:2]
+    max_blocks = block_tables.shape[1]
+    lengths_q = None if decode else cu_seqlens_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0])
     context = context_lens.tolist()
     capacity = max_blocks * block_size  # the most tokens one row of block_tables can address
     for i, n in enumerate(context):
@@ -261,7 +290,7 @@ def _check_paged_attention_inputs(
                 f"block_tables: expected block ids in [0, {num_blocks}) (num_blocks) in the blocks the "
                 f"contexts use, got ids from {lo} to {hi}"
             )
-    return softmax_scale, max_seqlen_q
+    return max_seqlen_q
 
 
 @torch.library.custom_op("llmfast::paged_attention_triton", mutates_args=(), device_types=("cuda", "cpu"))
@@ -274,15 +303,18 @@ def _paged_attention_triton_op(
     cu_seqlens_q: Optional[torch.Tensor],
     max_seqlen_q: Optional[int],
     softmax_scale: float,
+    check_values: bool,
 ) -> torch.Tensor:
     from llmfast_kernels.paged import paged_attention as launch
 
+    if check_values and values_readable():
+        _check_paged_index_values(q, k_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q)
     with on_device(q.device):
         return launch(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale)
 
 
 @_paged_attention_triton_op.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale):
+def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale, check_values):
     return q.new_empty(q.shape)  # contiguous, as the launcher allocates it
 
 
@@ -298,7 +330,8 @@ def _paged_attention_triton(
     softmax_scale: float,
 ) -> torch.Tensor:
     return _paged_attention_triton_op(
-        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale,
+        _unchecked_values(),
     )
 
 
