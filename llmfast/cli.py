@@ -46,7 +46,9 @@ def _fail(command: str, exc: BaseException | str) -> int:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(dtype=args.dtype, device=args.device, quantization=args.quantization, block_size=args.block_size,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  num_kv_blocks=args.num_kv_blocks)
+                  num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+                  enforce_eager=args.enforce_eager,
+                  seed=getattr(args, "engine_seed", None))  # serve's --seed (generate's seeds its requests)
     return {name: value for name, value in kwargs.items() if value is not None}
 
 
@@ -66,10 +68,14 @@ def _generate(args: argparse.Namespace) -> int:
     given = {field: getattr(args, field) for _, field, _ in SAMPLING_FLAGS if getattr(args, field) is not None}
     try:
         fixed = dict(stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos)
-        params = SamplingParams(**given, **fixed)  # bad flags fail before the model loads
+        # bad flags fail before the model loads; max_tokens is checked once generation_config.json is read
+        params = SamplingParams(**{"max_tokens": None, **given}, **fixed)
         if args.stream and params.n > 1:
             raise ValueError("--stream prints one completion as it is generated; use --n 1")
-        llm = LLM(args.model, **_engine_kwargs(args))
+        try:  # a CUDA-graph capture failure is a RuntimeError; its message says to pass --enforce-eager
+            llm = LLM(args.model, **_engine_kwargs(args))
+        except RuntimeError as exc:
+            return _fail("generate", exc)
         # flags left out take the checkpoint's generation_config.json, as LLM.generate and the server do
         params = SamplingParams(**{**llm.sampling_defaults, **given}, **fixed)
         labelled = len(args.prompt) > 1 or params.n > 1
@@ -99,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail("serve", f"{exc}; the server needs `pip install fastapi uvicorn`")
     try:
         llm = LLM(args.model, **_engine_kwargs(args))
-    except (OSError, ValueError, BackendUnavailable) as exc:
+    except (OSError, ValueError, RuntimeError, BackendUnavailable) as exc:  # RuntimeError: CUDA-graph capture
         return _fail("serve", exc)
     serve(llm, args.served_model_name or args.model, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -116,6 +122,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (default 256)")
     engine.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="most tokens in one forward (default 8192)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="fraction of the GPU's memory the engine may use, the KV cache included (default 0.9)")
+    engine.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="run every step eagerly, without CUDA graphs")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -192,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="default 8000; 0 picks a free port (logged at startup)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument("--seed", dest="engine_seed", type=int, default=None,
+                       help="the engine's seed, for requests without their own (default 0)")
     serve.set_defaults(run=_serve)
 
     bench = sub.add_parser("bench", help="benchmark an op family; prints a table, writes JSON + PNG")

@@ -81,6 +81,48 @@ def test_generate_takes_generation_config_for_flags_left_out(checkpoint, tmp_pat
     assert capsys.readouterr().out == expected[0].outputs[0].text + "\n"
 
 
+def test_generate_accepts_min_tokens_above_16_when_generation_config_allows_it(checkpoint, tmp_path, capsys):
+    """The flags are checked before the model loads, but max_tokens only once generation_config.json is read:
+    --min-tokens 20 under its max_new_tokens 100 was refused as above SamplingParams' default of 16."""
+    import json
+
+    folder = tmp_path / "with-max-new-tokens"
+    shutil.copytree(checkpoint, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 100}))
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "a", "--temperature", "0",
+                     "--min-tokens", "20"]) == 0, capsys.readouterr().err
+    expected = LLM(folder).generate(["a"], SamplingParams(temperature=0, min_tokens=20, max_tokens=100),
+                                    use_tqdm=False)[0].outputs[0]
+    assert len(expected.token_ids) >= 20 and capsys.readouterr().out == expected.text + "\n"
+    # without a max_new_tokens, SamplingParams' 16 stands and the flag is refused, naming it
+    assert cli.main(["generate", "--model", str(checkpoint), "--prompt", "a", "--min-tokens", "20"]) == 2
+    assert "min_tokens: expected at most max_tokens=16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_engine_flags_reach_llm_and_its_runtime_errors_are_reported(checkpoint, capsys, monkeypatch, command):
+    """--enforce-eager, --gpu-memory-utilization (and serve's --seed) are LLM's arguments, as vLLM's CLI; a
+    RuntimeError building it (a CUDA-graph capture that failed) ends with exit status 2 and its message."""
+    import llmfast.engine
+
+    if command == "serve":
+        pytest.importorskip("fastapi")
+    calls = []
+
+    def failing_llm(model, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("CUDA graph capture failed: pass enforce_eager=True to run every step eagerly")
+
+    monkeypatch.setattr(llmfast.engine, "LLM", failing_llm)
+    args = [command, "--model", str(checkpoint), *(["--prompt", "a"] if command == "generate" else ["--seed", "7"])]
+    assert cli.main(args) == 2
+    assert cli.main([*args, "--enforce-eager", "--gpu-memory-utilization", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"llmfast {command}: error: CUDA graph capture failed: pass enforce_eager=True") == 2, err
+    seed = {"seed": 7} if command == "serve" else {}
+    assert calls == [seed, dict(gpu_memory_utilization=0.5, enforce_eager=True, **seed)]
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:99"])
 @pytest.mark.parametrize("command", ["demo", "generate"])
 def test_a_device_this_machine_lacks_is_reported(checkpoint, capsys, command, device):

@@ -11,8 +11,9 @@ from helpers import assert_close_2x, assert_close_2x_per_element, poison_allocat
 BACKENDS = ["reference", "triton", "cpu", "cuda"]
 HIDDEN = [1, 7, 1000, 4097, 8192, 65536]
 LEADING = [(3,), (2, 3), (2, 1, 2)]
-# (residual, weight, bias): all present, then each optional input left out
-AFFINE = [(True, True, True), (False, True, True), (True, False, False), (True, True, False)]
+# (residual, weight, bias): all present, each optional input left out, and none of them
+AFFINE = [(True, True, True), (False, True, True), (True, False, True), (True, True, False), (True, False, False),
+          (False, False, False)]
 
 
 def _call(kind, x, r, w, b, backend):
@@ -72,7 +73,7 @@ def test_forward(backend, kind, hidden, dtype, affine):
 
 
 @pytest.mark.parametrize("affine", AFFINE)
-@pytest.mark.parametrize("hidden", [1, 7, 1000, 8192, 65536])
+@pytest.mark.parametrize("hidden", [1, 7, 1000, 4097, 8192, 65536])  # 4097: the wide rows' partial last chunk
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_match_float64(backend, kind, hidden, affine):
@@ -262,7 +263,8 @@ def test_gpu_forward(backend, kind, dtype, shape):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("shape", [(4096, 4096), (256, 65536), (1000, 7)])
+# (1000, 4097) and (128, 12304): wide rows in column chunks whose last chunk is partial
+@pytest.mark.parametrize("shape", [(4096, 4096), (256, 65536), (1000, 7), (1000, 4097), (128, 12304)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -136,6 +137,24 @@ def test_streamed_text_equals_the_whole_response(client):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
 
 
+def test_a_stop_string_ends_the_stream_where_it_ends_the_whole_response(client, llm):
+    """A stop string the greedy text holds (across two tokens, after the first, where it first occurs) cuts
+    the stream there; the last chunk says "stop" and which string."""
+    out = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    full = out.text
+    prefixes = [llm.tokenizer.decode(out.token_ids[:k]) for k in range(2, len(out.token_ids))]
+    ends = [len(prefix) for prefix in prefixes if full.startswith(prefix)]  # token boundaries after the first
+    stop = next(full[end - 1:end + 1] for end in ends
+                if full.find(full[end - 1:end + 1]) == end - 1 and "\ufffd" not in full[end - 1:end + 1])
+    whole = client.completions.create(model=MODEL, prompt=PROMPTS[1], stop=stop, **GREEDY).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(model=MODEL, prompt=PROMPTS[1], stop=[stop],
+                                                               stream=True, **GREEDY) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text == full[:full.index(stop)]
+    assert (chunks[-1].finish_reason, chunks[-1].stop_reason) == (whole.finish_reason, whole.stop_reason) \
+        == ("stop", stop)
+
+
 def test_sse_framing_ends_with_done(server):
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 3, "stream": True}
     with httpx.stream("POST", server + "/v1/completions", json=body, timeout=30) as response:
@@ -179,6 +198,47 @@ def test_vllm_extra_fields_and_logprobs(client, llm):
     content = chat.choices[0].logprobs.content
     assert len(content) == 10 and all(len(entry.top_logprobs) == 3 for entry in content)
     assert all(entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) for entry in content)  # greedy
+
+
+def test_each_vllm_extra_field_changes_the_output(server, llm, checkpoint, tmp_path):
+    """Probes where leaving a field out would change the answer: stop_token_ids ends at the first greedy token,
+    min_tokens keeps it out of the first 3, repetition_penalty=5 changes the greedy text, min_p=1.0 makes
+    temperature 1 greedy, and ignore_eos runs past an eos that ends the request otherwise."""
+    from fastapi.testclient import TestClient
+
+    from llmfast.server.app import build_app
+
+    prompt, base = PROMPTS[4], dict(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def complete(http, **fields) -> dict:
+        response = http.post("/v1/completions", json={"prompt": prompt, **base, **fields})
+        assert response.status_code == 200, response.text
+        return {**response.json()["choices"][0], "tokens": response.json()["usage"]["completion_tokens"]}
+
+    def offline(**fields):
+        return llm.generate(prompt, SamplingParams(**{**base, **fields}), use_tqdm=False)[0].outputs[0]
+
+    greedy = offline()
+    first = greedy.token_ids[0]
+    with httpx.Client(base_url=server, timeout=60) as http:
+        assert complete(http)["text"] == greedy.text
+        stopped = complete(http, stop_token_ids=[first])
+        assert (stopped["finish_reason"], stopped["stop_reason"], stopped["tokens"]) == ("stop", first, 1)
+        deferred = complete(http, stop_token_ids=[first], min_tokens=3)
+        expected = offline(stop_token_ids=[first], min_tokens=3)
+        assert deferred["tokens"] >= 3 and first not in expected.token_ids[:3] and deferred["text"] == expected.text
+        penalized = complete(http, repetition_penalty=5.0)
+        assert penalized["text"] != greedy.text and penalized["text"] == offline(repetition_penalty=5.0).text
+        assert complete(http, temperature=1.0, seed=3, min_p=1.0)["text"] == greedy.text
+        assert complete(http, temperature=1.0, seed=3)["text"] != greedy.text  # the seed alone does not give greedy
+    # an engine whose eos is the first greedy token: the request ends at once unless ignore_eos
+    folder = tmp_path / "eos"
+    shutil.copytree(checkpoint, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": first}))
+    with TestClient(build_app(LLM(folder), MODEL)) as http:
+        assert complete(http, ignore_eos=False)["finish_reason"] == "stop"
+        ignored = complete(http)
+        assert (ignored["finish_reason"], ignored["tokens"], ignored["text"]) == ("length", 6, greedy.text)
 
 
 # name -> (body, the error's param as OpenAI names the field: the body's own field, never llmfast's)
@@ -308,17 +368,72 @@ def test_clients_that_disconnect_are_aborted_and_free_their_blocks(server):
     wait_idle(server, aborted=aborted + 2)
 
 
-def test_absent_fields_take_the_models_generation_config_defaults():
+def test_absent_fields_and_a_chats_max_tokens_take_the_models_generation_config_defaults():
     """As vLLM's server: a field the body leaves out takes the value the checkpoint's generation_config.json
-    gives it (LLM.sampling_defaults), a field it sets wins, and max_tokens stays the body's (or its default)."""
+    gives it (LLM.sampling_defaults), a field it sets wins; a chat without max_tokens or max_completion_tokens
+    takes its max_new_tokens (it ran to the model's length), a completion keeps OpenAI's default of 16."""
     from llmfast.server.protocol import ChatCompletionRequest, CompletionRequest
 
     defaults = {"temperature": 0.0, "top_k": 5, "repetition_penalty": 1.3, "max_tokens": 7}
-    params = CompletionRequest(prompt="a", top_k=3).sampling_params(16, None, defaults)
+    completion = CompletionRequest(prompt="a", top_k=3)
+    params = completion.sampling_params(completion.max_tokens, None, defaults)
     assert (params.temperature, params.top_k, params.repetition_penalty, params.max_tokens) == (0.0, 3, 1.3, 16)
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.5)
     params = chat.sampling_params(chat.max_new_tokens(), None, defaults)
-    assert (params.temperature, params.top_k, params.max_tokens) == (0.5, 5, None)
+    assert (params.temperature, params.top_k, params.max_tokens) == (0.5, 5, 7)
+    for given in (dict(max_tokens=3), dict(max_completion_tokens=3), dict(max_tokens=9, max_completion_tokens=3)):
+        chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **given)
+        assert chat.sampling_params(chat.max_new_tokens(), None, defaults).max_tokens == 3
+    assert chat.sampling_params(chat.max_new_tokens(), None, {}).max_tokens == 3
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+    assert chat.sampling_params(chat.max_new_tokens(), None, {}).max_tokens is None  # up to the model's length
+
+
+def test_a_default_max_tokens_is_cut_to_fit_the_prompt_a_given_one_is_refused(llm):
+    """vLLM's rule: a chat without max_tokens takes the model's max_new_tokens, at most what the model's length
+    leaves its prompt; a max_tokens the body gives that does not fit is a 400 ("maximum context length")."""
+    from llmfast.server.async_engine import AsyncEngine
+
+    prompt = list(range(5, 25)) * 50  # 1000 tokens
+    room = llm.max_model_len - len(prompt)
+    params = SamplingParams(temperature=0, max_tokens=llm.max_model_len, ignore_eos=True)
+
+    async def run():
+        engine = AsyncEngine(llm)
+        engine.start()
+        try:
+            request = await engine.add([prompt], params, cap_max_tokens=True)
+            pieces = [piece async for _, piece in engine.results(request)]
+            with pytest.raises(ValueError, match="maximum context length"):
+                await engine.add([prompt], params)
+        finally:
+            await engine.stop()
+        return request, pieces
+
+    request, pieces = asyncio.run(run())
+    seq = request.seqs[0][0]
+    assert seq.params.max_tokens == room and seq.num_output_tokens == room
+    assert pieces[-1].finish_reason == "length"
+
+
+def test_a_chat_without_max_tokens_runs_to_the_model_length_under_a_larger_max_new_tokens(checkpoint, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from llmfast.server.app import build_app
+
+    folder = tmp_path / "long_default"
+    shutil.copytree(checkpoint, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 100000}))
+    llm = LLM(folder, block_size=16, num_kv_blocks=4)  # a 64-token model
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "ignore_eos": True}
+    with TestClient(build_app(llm, MODEL)) as http:
+        response = http.post("/v1/chat/completions", json=chat)
+        assert response.status_code == 200, response.text
+        usage = response.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == llm.max_model_len == 64
+        assert response.json()["choices"][0]["finish_reason"] == "length"
+        response = http.post("/v1/chat/completions", json=dict(chat, max_tokens=100000))
+        assert response.status_code == 400 and "maximum context length" in response.text
 
 
 def test_errors_do_not_echo_huge_inputs_and_name_a_wrong_content_type(server):

@@ -31,8 +31,11 @@ def run_beam_search(llm: LLM, prompts: list[list[int]], params: BeamSearchParams
     done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
     for _ in range(params.max_tokens):
         for beams, finished in zip(live, done):  # a beam as long as the engine allows cannot grow
-            finished.extend(b for b in beams if len(b.tokens) >= llm.max_model_len)
-            beams[:] = [b for b in beams if len(b.tokens) < llm.max_model_len]
+            for beam in beams:
+                if len(beam.tokens) >= llm.max_model_len:
+                    beam.finish_reason = "length"
+                    finished.append(beam)
+            beams[:] = [b for b in beams if b.finish_reason is None]
         flat = [beam for beams in live for beam in beams]
         if not flat:
             break

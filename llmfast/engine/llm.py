@@ -87,20 +87,26 @@ class LLM(LLMEngine):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(seqs), desc="Processed prompts", dynamic_ncols=True)
-        start, done, prompt_tokens = time.perf_counter(), 0, 0
+        start = drawn = time.perf_counter()
+        done = 0
         while not all(s.is_finished for group in seqs for s in group):
             self.step()
             if bar is None:
                 continue
-            finished = sum(all(s.is_finished for s in group) for group in seqs)
-            if finished > done:
-                prompt_tokens = sum(group[0].num_prompt_tokens for group in seqs if all(s.is_finished for s in group))
-                bar.update(finished - done)
-                done = finished
-            elapsed = time.perf_counter() - start
+            now = time.perf_counter()
+            finished = [group for group in seqs if all(s.is_finished for s in group)]
+            prompt_tokens = sum(group[0].num_prompt_tokens for group in finished)  # vLLM counts finished prompts
             output_tokens = sum(s.num_output_tokens for group in seqs for s in group)
-            bar.set_postfix_str(f"est. speed input: {prompt_tokens / elapsed:.0f} toks/s, "
-                                f"output: {output_tokens / elapsed:.0f} toks/s", refresh=False)
+            # set before update, so that a redraw by update shows this step's rate, not the last one's
+            bar.set_postfix_str(f"est. speed input: {prompt_tokens / (now - start):.0f} toks/s, "
+                                f"output: {output_tokens / (now - start):.0f} toks/s", refresh=False)
+            if len(finished) > done:
+                bar.update(len(finished) - done)
+                done = len(finished)
+            # equal-length requests all finish at the end: without a timed redraw the bar would sit at 0/N
+            if now - drawn >= 0.5:
+                bar.refresh()
+                drawn = now
         if bar is not None:
             bar.close()
 

@@ -110,9 +110,10 @@ def build_app(llm: LLM, model_name: str) -> FastAPI:
         if model is not None and model != model_name:
             raise APIError(f"The model `{model}` does not exist; this server serves `{model_name}`.", 404, "model")
 
-    async def submit(body: protocol.SamplingFields, prompts: list, params, add_special_tokens: bool) -> EngineRequest:
+    async def submit(body: protocol.SamplingFields, prompts: list, params, add_special_tokens: bool,
+                     cap_max_tokens: bool = False) -> EngineRequest:
         try:
-            return await engine.add(prompts, params, add_special_tokens)
+            return await engine.add(prompts, params, add_special_tokens, cap_max_tokens)
         except ValueError as exc:  # about the prompts (their tokens, their length)
             raise APIError.bad_value(exc, body, fallback=body.field_named("prompt")) from None
 
@@ -154,7 +155,9 @@ def build_app(llm: LLM, model_name: str) -> FastAPI:
             raise APIError.bad_value(exc, body) from None
         except Exception as exc:  # the template itself refused the conversation (jinja's raise_exception)
             raise APIError(f"messages: the chat template failed: {exc}", param="messages") from None
-        request = await submit(body, [text], params, add_special_tokens=False)
+        # no max_tokens in the body: the model's default (generation_config.json), cut to fit each prompt
+        request = await submit(body, [text], params, add_special_tokens=False,
+                               cap_max_tokens=body.max_new_tokens() is None)
         top = body.top_logprobs or 0
         started: set[int] = set()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from llmfast.engine import LLM, CompletionOutput, SamplingParams
@@ -30,6 +30,9 @@ class Request:
     add_special_tokens: bool
     admitted: asyncio.Future  # set once checked and queued; raises ValueError for a bad prompt
     tokenized: list | Exception | None = None  # (text, token ids) per prompt, or why tokenizing failed
+    # max_tokens is the model's default, not the body's: each prompt takes at most what the model's length
+    # leaves it (vLLM's rule), instead of being refused as too long
+    cap_max_tokens: bool = False
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # (prompt index, CompletionOutput), then None
     prompt_token_ids: list[list[int]] = field(default_factory=list)
     seqs: list[list[Sequence]] = field(default_factory=list)  # per prompt, its n sequences
@@ -63,11 +66,13 @@ class AsyncEngine:
         self._executor.shutdown(wait=True)  # a step under way ends before the engine goes away
 
     async def add(self, prompts: list[str | list[int]], params: SamplingParams,
-                  add_special_tokens: bool = True) -> Request:
+                  add_special_tokens: bool = True, cap_max_tokens: bool = False) -> Request:
         """Queues a request and waits until the engine loop has checked and admitted it. Raises
-        ValueError (the message names the prompt) for an empty, unknown-token or too long prompt."""
+        ValueError (the message names the prompt) for an empty, unknown-token or too long prompt.
+        ``cap_max_tokens``: ``params.max_tokens`` is a default that each prompt may shorten to fit."""
         loop = asyncio.get_running_loop()
-        request = Request(prompts, params, add_special_tokens, admitted=loop.create_future())
+        request = Request(prompts, params, add_special_tokens, admitted=loop.create_future(),
+                          cap_max_tokens=cap_max_tokens)
         self._pending.append(request)
         self._wake.set()
         try:
@@ -134,7 +139,10 @@ class AsyncEngine:
                 if isinstance(request.tokenized, Exception):
                     raise request.tokenized
                 checked = self.llm.check_requests(request.tokenized, [request.params] * len(request.prompts))
-                self._check_length([ids for _, ids, _ in checked], request.params.max_tokens)
+                if request.cap_max_tokens:
+                    checked = [(text, ids, self._fit(params, len(ids))) for text, ids, params in checked]
+                for _, ids, params in checked:
+                    self._check_length(ids, params.max_tokens)
                 request.prompt_token_ids = [ids for _, ids, _ in checked]
                 for text, ids, params in checked:
                     request.seqs.append(self.llm.add_request(text, ids, params))
@@ -161,13 +169,20 @@ class AsyncEngine:
             return None, list(prompt)
         return prompt, self.llm.encode(prompt, "prompt", add_special_tokens)
 
-    def _check_length(self, prompt_token_ids: list[list[int]], max_tokens: int | None) -> None:
+    def _check_length(self, ids: list[int], max_tokens: int | None) -> None:
         """vLLM's rule: the prompt and ``max_tokens`` together must fit the model's length."""
         limit = self.llm.max_model_len
-        for ids in prompt_token_ids:
-            if max_tokens is not None and len(ids) + max_tokens > limit:
-                raise ValueError(f"this model's maximum context length is {limit} tokens, but {len(ids) + max_tokens}"
-                                 f" were requested ({len(ids)} in the prompt, {max_tokens} in the completion)")
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            raise ValueError(f"this model's maximum context length is {limit} tokens, but {len(ids) + max_tokens}"
+                             f" were requested ({len(ids)} in the prompt, {max_tokens} in the completion)")
+
+    def _fit(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        """``params`` with a default max_tokens cut to what the model's length leaves a prompt of ``prompt_len``
+        (at least 1: a prompt that leaves nothing is refused by _check_length)."""
+        room = max(1, self.llm.max_model_len - prompt_len)
+        if params.max_tokens is None or params.max_tokens <= room:
+            return params
+        return replace(params, max_tokens=room)
 
     def _publish(self) -> None:
         """Queues each running request's new pieces; a request whose completions all ended leaves."""

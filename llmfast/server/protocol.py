@@ -63,7 +63,9 @@ class SamplingFields(_Strict):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> SamplingParams:
         """``SamplingParams`` from the fields that were given; the others take the model's ``defaults`` (from
-        its generation_config.json, as vLLM's server) or else SamplingParams'. Raises ValueError naming the
+        its generation_config.json, as vLLM's server) or else SamplingParams'. ``max_tokens`` None (a chat that
+        sets neither max_tokens nor max_completion_tokens) takes its max_new_tokens, else runs up to the model's
+        length; a completion's max_tokens defaults to 16 (OpenAI's and vLLM's). Raises ValueError naming the
         field for out-of-range values and for what llmfast does not support."""
         if self.logit_bias:
             raise ValueError("logit_bias: not supported by llmfast")
@@ -73,6 +75,8 @@ class SamplingFields(_Strict):
                  "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids")
         given = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         sampling_defaults = {name: value for name, value in defaults.items() if name in names}
+        if max_tokens is None:
+            max_tokens = defaults.get("max_tokens")
         return SamplingParams(**{**sampling_defaults, **given}, max_tokens=max_tokens, logprobs=logprobs)
 
     def field_named(self, name: str) -> str:
@@ -138,7 +142,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True  # vLLM's extra field
 
     def max_new_tokens(self) -> int | None:
-        """``max_completion_tokens`` or else ``max_tokens``; None: up to the model's maximum length."""
+        """``max_completion_tokens`` or else ``max_tokens``; None: the model's default (see ``sampling_params``)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def _body_field(self, name: str) -> str:
