@@ -1,9 +1,16 @@
 import os
+import tempfile
 import zlib
 
 # The interpreter runs tl.dot through numpy: multi-threaded BLAS on those tiny matrices only waits on
 # itself (17 ms instead of 0.05 ms per dot on a busy 2-core machine). Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Every checkpoint the tests load is local. huggingface_hub reads this once, when first imported, which
+# the first test module to import transformers would do: so here, before any.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A fresh compile cache each session: torch's on-disk caches do not notice an edited custom op's Python
+# backward, and replayed a compiled backward that called it with its old arguments.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llmfast_inductor_"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

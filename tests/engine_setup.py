@@ -1,13 +1,11 @@
 """Tiny random checkpoints (float32, CPU) with a byte-level BPE tokenizer trained offline, and Hugging
 Face's greedy tokens, shared by the engine's end-to-end tests."""
-import os
 
 import pytest
 import torch
 
 from llmfast.engine import LLM, SamplingParams
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every checkpoint here is local
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 

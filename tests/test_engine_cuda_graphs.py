@@ -5,7 +5,6 @@ On CPU the replay logic runs with a stand-in for capture: each "graph" re-runs t
 static buffers with the raw backend kernels, as a real replay would. The `gpu` tests capture real graphs.
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from llmfast.engine import LLM, SamplingParams
 from llmfast.engine import cuda_graphs
 from llmfast.engine.cuda_graphs import DecodeGraphs, capture_sizes, graph_safe_kernels
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

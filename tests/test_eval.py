@@ -2,7 +2,6 @@
 tokenizer, both built offline; exp(HF's mean loss) over the same sliding windows, to 1e-4 relative."""
 import contextlib
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,6 @@ from llmfast import cli
 from llmfast import eval as llmfast_eval
 from llmfast.eval import perplexity, sliding_windows
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every checkpoint here is local; never reach the Hub
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
