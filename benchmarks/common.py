@@ -144,6 +144,12 @@ def group_rows(rows: Sequence[dict], keys: Sequence[str]) -> list[list[dict]]:
     return list(groups.values())
 
 
+def copy_scaled(target_tb_s: float, copy_tb_s: float | None) -> float:
+    """A TB/s target BENCHMARKS.md sets on the H100 (a fraction of its COPY_TB_S copy rate), as the same fraction
+    of this GPU's measured copy rate (an H200 copies faster); the H100's figure where none was measured."""
+    return target_tb_s if copy_tb_s is None else target_tb_s * copy_tb_s / COPY_TB_S
+
+
 def mark_target(row: dict, field: str, target: float, flag: str = "meets_target") -> bool | None:
     """Marks ``row[field] >= target``: sets ``row["target_" + field]`` and ``row[flag]``, and returns the flag.
     Nothing (None) where ``row[field]`` was not measured."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -143,10 +144,15 @@ def autotune_first_only() -> bool:
 
 def configure_triton_autotune() -> None:
     """Sets the kernels' autotune search from LLMFAST_AUTOTUNE (read here, once, at import: it is set for a
-    whole test run; importing the setting's module needs no Triton)."""
+    whole test run; importing the setting's module needs no Triton). A bad value is a warning, not an
+    import that fails: it only matters where an autotuned kernel runs."""
     from llmfast_kernels import tuning
 
-    tuning.FIRST_ONLY = autotune_first_only()
+    try:
+        tuning.FIRST_ONLY = autotune_first_only()
+    except ValueError as exc:
+        warnings.warn(f"{exc}; searching every config", stacklevel=2)
+        tuning.FIRST_ONLY = False
 
 
 configure_triton_autotune()

@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 import zlib
 
@@ -10,7 +12,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # A fresh compile cache each session: torch's on-disk caches do not notice an edited custom op's Python
 # backward, and replayed a compiled backward that called it with its old arguments.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llmfast_inductor_"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _inductor_cache = tempfile.mkdtemp(prefix="llmfast_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

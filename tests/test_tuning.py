@@ -38,10 +38,14 @@ def test_first_keeps_the_first_config_of_each_load_kind(monkeypatch):
     assert tuning.limit(plain) == plain[:1]
 
 
-def test_a_bad_value_names_the_variable(monkeypatch):
+def test_a_bad_value_names_the_variable_and_import_still_works(monkeypatch):
     monkeypatch.setenv(backends.AUTOTUNE_ENV_VAR, "fast")
     with pytest.raises(ValueError, match="LLMFAST_AUTOTUNE"):
         backends.autotune_first_only()
+    monkeypatch.setattr(tuning, "FIRST_ONLY", True)  # restored after the test
+    with pytest.warns(UserWarning, match="LLMFAST_AUTOTUNE: expected 'all' or 'first', got 'fast'"):
+        backends.configure_triton_autotune()
+    assert tuning.FIRST_ONLY is False
 
 
 def test_importing_llmfast_applies_the_variable_and_no_kernel_file_reads_the_environment():

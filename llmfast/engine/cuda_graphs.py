@@ -37,7 +37,8 @@ def graph_safe_kernels(device: torch.device) -> PagedKernels:
         if backend not in GRAPH_SAFE_BACKENDS:
             raise RuntimeError(
                 f"CUDA graphs need a {' or '.join(GRAPH_SAFE_BACKENDS)} backend for {op}, but {backend!r} is the "
-                "one selected here (it syncs with the host); pass enforce_eager=True to run without CUDA graphs"
+                "one selected here (it syncs with the host); pass enforce_eager=True (the CLI's --enforce-eager) "
+                "to run without CUDA graphs"
             )
         impls.append(select(op, backend, device))
     return PagedKernels(*impls)
@@ -71,7 +72,7 @@ class DecodeGraphs:
             self._capture_all(graph_safe_kernels(device))
         except Exception as e:
             raise RuntimeError(f"capturing the decode step in CUDA graphs failed ({type(e).__name__}: {e}); "
-                               "pass enforce_eager=True to run every step eagerly") from e
+                               "pass enforce_eager=True (the CLI's --enforce-eager) to run every step eagerly") from e
 
     @property
     def max_batch(self) -> int:

@@ -177,11 +177,17 @@ class AsyncEngine:
                              f" were requested ({len(ids)} in the prompt, {max_tokens} in the completion)")
 
     def _fit(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
-        """``params`` with a default max_tokens cut to what the model's length leaves a prompt of ``prompt_len``
-        (at least 1: a prompt that leaves nothing is refused by _check_length)."""
-        room = max(1, self.llm.max_model_len - prompt_len)
+        """``params`` with a default max_tokens cut to what the model's length leaves a prompt of ``prompt_len``."""
+        limit = self.llm.max_model_len
+        room = limit - prompt_len
+        if room < 1:
+            raise ValueError(f"this model's maximum context length is {limit} tokens, and the prompt has "
+                             f"{prompt_len}: no room is left for a completion")
         if params.max_tokens is None or params.max_tokens <= room:
             return params
+        if params.min_tokens > room:
+            raise ValueError(f"min_tokens: the prompt leaves room for {room} tokens of the model's {limit}, "
+                             f"fewer than min_tokens={params.min_tokens}")
         return replace(params, max_tokens=room)
 
     def _publish(self) -> None:
