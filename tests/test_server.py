@@ -416,6 +416,20 @@ def test_a_default_max_tokens_is_cut_to_fit_the_prompt_a_given_one_is_refused(ll
     assert pieces[-1].finish_reason == "length"
 
 
+def test_a_default_max_tokens_that_cannot_fit_names_why():
+    from types import SimpleNamespace
+
+    from llmfast.server.async_engine import AsyncEngine
+
+    engine = AsyncEngine(SimpleNamespace(max_model_len=64))
+    params = SamplingParams(max_tokens=1000, min_tokens=10)
+    assert engine._fit(params, 40).max_tokens == 24 and engine._fit(params, 40).min_tokens == 10
+    with pytest.raises(ValueError, match="the prompt has 64: no room is left for a completion"):
+        engine._fit(params, 64)
+    with pytest.raises(ValueError, match="min_tokens: the prompt leaves room for 4 tokens of the model's 64"):
+        engine._fit(params, 60)
+
+
 def test_a_chat_without_max_tokens_runs_to_the_model_length_under_a_larger_max_new_tokens(checkpoint, tmp_path):
     from fastapi.testclient import TestClient
 
