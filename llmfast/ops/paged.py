@@ -104,15 +104,10 @@ def _cxx_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     return (k_cache.size(3) == 1 or k_cache.stride(3) == 1) and k_cache.stride() == v_cache.stride()
 
 
-# The Triton ops take ``check_values``: true when the caller could not read the index values (torch.compile
-# traced it), so the op reads them when it runs, if it may then (not under CUDA-graph capture nor
-# ``trusted_index_values``). Unchecked, a block id or slot out of range makes the kernel read or write
-# outside the cache: an illegal memory access on the GPU, a crash of the interpreter's process on CPU.
-
-
-def _unchecked_values() -> bool:
-    """Whether the public op could not read the index values just now (see above)."""
-    return not values_readable()
+# The Triton ops take ``check_values``: true when the caller could not read the index values (``not
+# values_readable()``: torch.compile traced it), so the op reads them when it runs, if it may then (not under
+# CUDA-graph capture nor ``trusted_index_values``). Unchecked, a block id or slot out of range makes the kernel
+# read or write outside the cache: an illegal memory access on the GPU, a crash of the interpreter's process.
 
 
 @torch.library.custom_op(
@@ -138,7 +133,7 @@ def _(k, v, k_cache, v_cache, slot_mapping, check_values):
 def _write_kv_cache_triton(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    _write_kv_cache_triton_op(k, v, k_cache, v_cache, slot_mapping, _unchecked_values())
+    _write_kv_cache_triton_op(k, v, k_cache, v_cache, slot_mapping, not values_readable())
 
 
 def _write_kv_cache_cxx(device_type: str):
@@ -331,7 +326,7 @@ def _paged_attention_triton(
 ) -> torch.Tensor:
     return _paged_attention_triton_op(
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale,
-        _unchecked_values(),
+        not values_readable(),
     )
 
 
