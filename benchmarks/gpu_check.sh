@@ -9,6 +9,12 @@
 #   bash benchmarks/gpu_check.sh tests:attention               # pytest -m gpu tests/test_attention*.py
 #   steps: build, tests (pytest -m gpu), tests:NAME (one family's files), tests:all (the whole suite),
 #   bench:NAME[:ARGS]
+# GPU_CHECK_BUDGET_S=S: the seconds this call may take (the device call's timeout_s less ~20 s). Each step
+# then runs under `timeout` of what is left, and a step with under a minute left is skipped (the summary
+# says so), so the steps that finished come back packed even when the last one is cut off.
+# GPU_CHECK_WORKERS=N (default 8): the kernel test files (attention, norm, paged, quant) run in N pytest-xdist
+# processes where xdist is installed: Triton compiling is CPU work and the GPU has room for all of them. The
+# other gpu tests (engine, models, ...) read the device's free memory, so they run alone, after those.
 # Test steps set LLMFAST_AUTOTUNE=first (kernels/tuning.py): each autotuned kernel compiles and runs the
 # first config that fits of each kind, not all ~50 for each of ~30 attention sets. Benchmarks tune fully.
 # One call runs at most 600 s: give each benchmark a call of its own (bench_throughput: one --parts each).
@@ -33,11 +39,20 @@ pack() {  # after every step, so a run cut off by the time limit still brings ba
 }
 
 run_step() {  # run_step NAME LOG COMMAND...: times COMMAND, tees it into logs/LOG, records the outcome
-    local name=$1 log=$2 start=$SECONDS rc
+    local name=$1 log=$2 start=$SECONDS rc left
     shift 2
+    left=$((${GPU_CHECK_BUDGET_S:-100000} - SECONDS - 10))  # 10 s to pack what the step leaves
+    if [ $left -lt 60 ]; then
+        summary+=("$(printf '%-32s %-8s' "$name" "skipped: ${left}s left of GPU_CHECK_BUDGET_S")")
+        failed=$((failed + 1))
+        return
+    fi
     echo "=== $name"
-    "$@" 2>&1 | tee "$LOGS/logs/$log" "$OUT/current_step.log"
+    # COMMAND may be a function of this script: the child bash gets its definition
+    timeout -k 10 $left bash -c "$(declare -f build gpu_tests gpu_test_files); \"\$@\"" "$name" "$@" 2>&1 |
+        tee "$LOGS/logs/$log" "$OUT/current_step.log"
     rc=$?
+    [ $rc -eq 124 ] && echo "=== $name: stopped at the GPU_CHECK_BUDGET_S limit" | tee -a "$LOGS/logs/$log"
     [ $rc -ne 0 ] && failed=$((failed + 1))
     pack
     summary+=("$(printf '%-32s %-8s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo "FAIL($rc)")" $((SECONDS - start)) "$log")")
@@ -48,11 +63,30 @@ build() {
         python3 -c "import llmfast, llmfast_kernels, llmfast._C_cuda; print('backends:', llmfast.available_backends('add_rms_norm'))"
 }
 
-gpu_tests() {  # [FILES...], default tests/
-    LLMFAST_AUTOTUNE=${LLMFAST_AUTOTUNE:-first} python3 -m pytest -q -x -m gpu "${@:-tests/}"
+gpu_test_files() {  # [XDIST_ARGS...] -- FILES...: pytest -m gpu on FILES
+    local xdist=()
+    while [ "$1" != "--" ]; do xdist+=("$1"); shift; done
+    shift
+    LLMFAST_AUTOTUNE=${LLMFAST_AUTOTUNE:-first} python3 -m pytest -q -x -m gpu "${xdist[@]}" "$@"
     local rc=$?
-    [ $rc -eq 5 ] && { echo "no tests are marked gpu"; return 0; }
+    [ $rc -eq 5 ] && { echo "no tests are marked gpu in $*"; return 0; }
     return $rc
+}
+
+gpu_tests() {  # [FILES...], default tests/: the kernel files in xdist processes first, then the rest alone
+    local files=("${@:-tests/}") kernels=() rest=() workers=() f
+    [ "${files[*]}" = tests/ ] && files=(tests/test_*.py)
+    for f in "${files[@]}"; do
+        case $f in
+            tests/test_attention*.py | tests/test_norm*.py | tests/test_nn_norm*.py | tests/test_paged*.py | \
+                tests/test_quant*.py) kernels+=("$f") ;;
+            *) rest+=("$f") ;;
+        esac
+    done
+    python3 -c "import xdist" 2> /dev/null && [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ] &&
+        workers=(-n "${GPU_CHECK_WORKERS:-8}")
+    if [ ${#kernels[@]} -gt 0 ]; then gpu_test_files "${workers[@]}" -- "${kernels[@]}" || return; fi
+    if [ ${#rest[@]} -gt 0 ]; then gpu_test_files -- "${rest[@]}"; fi
 }
 
 if compgen -G ".whl/*.whl" > /dev/null; then
