@@ -285,6 +285,23 @@ def test_attention_compiles_fullgraph(backend):
         torch.testing.assert_close(compiled, eager)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_under_autocast_runs_in_its_dtype(backend):
+    """Inside torch.autocast, float32 (or mixed) q, k, v are cast to autocast's dtype first, as SDPA's inputs
+    are: the output is in that dtype and equals the op on cast inputs; gradients reach the float32 leaves."""
+    require_backend(backend, "attention")
+    q, k = _randn(1, 17, 4, 32, grad=True), _randn(1, 23, 2, 32, grad=True)
+    v = _randn(1, 23, 2, 32, dtype=torch.bfloat16, grad=True)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = attention(q, k, v, causal=True, backend=backend)
+    assert out.dtype == torch.bfloat16
+    expected = attention(*(t.detach().bfloat16() for t in (q, k, v)), causal=True, backend=backend)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
+    assert all(t.grad.isfinite().all() for t in (q, k, v))
+
+
 def test_compiled_varlen_triton_checks_cu_seqlens_when_it_runs():
     """torch.compile traces varlen attention without reading cu_seqlens; the compiled graph's Triton forward
     reads them when it runs: offsets past the tokens would send the kernels outside q, k and v. Valid ones

@@ -51,8 +51,10 @@ def attention(
     multiple of ``kv_heads`` (GQA/MQA): query head ``h`` reads kv head ``h // (heads // kv_heads)``.
     ``causal``: query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q`` (aligned bottom-right, as
     flash-attn >= 2.1); a query row that sees no key outputs 0. ``softmax_scale`` defaults to
-    ``head_dim ** -0.5``. Differentiable with respect to ``q, k, v``.
+    ``head_dim ** -0.5``. Differentiable with respect to ``q, k, v``. Inside ``torch.autocast``, ``q, k, v``
+    are cast to its dtype first, as for ``F.scaled_dot_product_attention``.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     softmax_scale, max_seqlen_q, max_seqlen_k = _check_attention_inputs(
         q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
@@ -68,6 +70,17 @@ def attention(
         max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k,
     )
+
+
+def _autocast_inputs(q, k, v) -> tuple:
+    """Inside autocast, the floating ``q, k, v`` (not float64) in its dtype: the cast autocast gives
+    scaled_dot_product_attention, which is on its lower-precision list. A custom op gets no such cast, and the
+    kernels would run in float32."""
+    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in (q, k, v))
 
 
 def _check_attention_inputs(
