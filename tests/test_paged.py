@@ -334,27 +334,72 @@ def test_cpu_ops_called_directly_check_their_indices(call, match):
 
 
 COMPILED_BAD_INDICES = [  # (call, the ValueError's message): values a compiled graph could not read when traced
-    (lambda q, kc, bt, cl, cu, slots: write_kv_cache(q[:, :2], q[:, :2], kc, kc.clone(), slots, backend="triton"),
+    (lambda b, q, kc, bt, cl, cu, slots: write_kv_cache(q[:, :2], q[:, :2], kc, kc.clone(), slots, backend=b),
      r"slot_mapping: expected slots in \[0, 64\)"),
-    (lambda q, kc, bt, cl, cu, slots: paged_attention(q, kc, kc, bt, cl, backend="triton"),
+    (lambda b, q, kc, bt, cl, cu, slots: paged_attention(q, kc, kc, bt, cl, backend=b),
      r"block_tables: expected block ids in \[0, 8\)"),
-    (lambda q, kc, bt, cl, cu, slots: paged_attention(q, kc, kc, bt * 0, cl, cu_seqlens_q=cu, max_seqlen_q=1,
-                                                      backend="triton"),
+    (lambda b, q, kc, bt, cl, cu, slots: paged_attention(q, kc, kc, bt * 0, cl + 4, backend=b),
+     r"context_lens: expected lengths in \[0, 8\]"),
+    (lambda b, q, kc, bt, cl, cu, slots: paged_attention(q, kc, kc, bt * 0, cl, cu_seqlens_q=cu, max_seqlen_q=1,
+                                                         backend=b),
      "cu_seqlens_q: expected to end at the number of tokens 1"),
 ]
+KERNEL_BACKENDS = ["triton", "cuda", "cpu"]  # what a compiled graph calls as opaque custom ops
+
+
+def _kernel_device(backend):
+    return torch.device("cpu") if backend == "cpu" else DEVICE
 
 
 @pytest.mark.parametrize("call, match", COMPILED_BAD_INDICES)
-def test_triton_ops_in_a_compiled_graph_check_the_index_values_when_they_run(call, match):
-    """torch.compile traces the ops without their values; the compiled graph's Triton ops read them when they
-    run. Unchecked, a block id of 10**6 made the interpreter's process segfault (on a GPU: an illegal access)."""
-    require_backend("triton", "paged_attention")
-    q, kc = _randn(1, 4, 8), _randn(8, 8, 2, 8)
-    bt, cl = _int32([10**6]).view(1, 1).to(DEVICE), _int32(5).to(DEVICE)
-    cu, slots = _int32(0, 2).to(DEVICE), torch.tensor([10**6], device=DEVICE)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_ops_in_a_compiled_graph_check_the_index_values_when_they_run(backend, call, match):
+    """torch.compile traces the ops without their values; the compiled graph's ops read them when they run.
+    Unchecked, a block id of 10**6 made the Triton interpreter's process segfault (on a GPU, the Triton and
+    CUDA kernels make an illegal access), and the CPU kernels' own checks raised a RuntimeError."""
+    device = _kernel_device(backend)
+    require_backend(backend, "paged_attention", device)
+    q, kc = torch.randn(1, 4, 8, device=device), torch.randn(8, 8, 2, 8, device=device)
+    bt, cl = _int32([10**6]).view(1, 1).to(device), _int32(5).to(device)
+    cu, slots = _int32(0, 2).to(device), torch.tensor([10**6], device=device)
     compiled = torch.compile(call, fullgraph=True, backend="eager")
     with pytest.raises(ValueError, match=match):
-        compiled(q, kc, bt, cl, cu, slots)
+        compiled(backend, q, kc, bt, cl, cu, slots)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_trusted_index_values_skip_the_compiled_graphs_checks(backend, monkeypatch):
+    """Inside trusted_index_values a compiled graph's ops read no index value (the engine on a GPU, where each
+    read is a host sync per layer); outside it, each op checks its values every time it runs."""
+    from llmfast.ops import paged, trusted_index_values
+
+    device = _kernel_device(backend)
+    require_backend(backend, "paged_attention", device)
+    write_args = {name: t.to(device) for name, t in _write_args().items()}
+    paged_args = {name: t.to(device) if torch.is_tensor(t) else t for name, t in _chunked_args(max_seqlen_q=4).items()}
+    expected = paged_attention(**paged_args, backend="reference")
+    checked = []
+
+    def spy(check):
+        def record(*args):
+            checked.append(check.__name__)
+            return check(*args)
+        return record
+
+    for name in ("_check_slot_values", "_check_paged_index_values"):
+        monkeypatch.setattr(paged, name, spy(getattr(paged, name)))
+
+    def step(write_args, paged_args):
+        write_kv_cache(**write_args, backend=backend)
+        return paged_attention(**paged_args, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    with trusted_index_values():
+        out = compiled(write_args, paged_args)
+    assert checked == []
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    compiled(write_args, paged_args)
+    assert checked == ["_check_slot_values", "_check_paged_index_values"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

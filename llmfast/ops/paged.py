@@ -88,26 +88,20 @@ def _check_slot_values(slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> Non
             )
 
 
-# The C++ ops are torch custom ops; their fakes let torch.compile(fullgraph=True) treat each as one node.
-for _device in ("cpu", "cuda"):
-    if _ext.has_op(f"write_kv_cache_{_device}"):
-        torch.library.register_fake(f"llmfast::write_kv_cache_{_device}")(
-            lambda k, v, k_cache, v_cache, slot_mapping: None
-        )
-        torch.library.register_fake(f"llmfast::paged_attention_{_device}")(
-            lambda q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale: q.new_empty(q.shape)
-        )
-
-
 def _cxx_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the C++ kernels can address the caches: unit head_dim stride, both strided alike."""
     return (k_cache.size(3) == 1 or k_cache.stride(3) == 1) and k_cache.stride() == v_cache.stride()
 
 
-# The Triton ops take ``check_values``: true when the caller could not read the index values (``not
-# values_readable()``: torch.compile traced it), so the op reads them when it runs, if it may then (not under
-# CUDA-graph capture nor ``trusted_index_values``). Unchecked, a block id or slot out of range makes the kernel
-# read or write outside the cache: an illegal memory access on the GPU, a crash of the interpreter's process.
+# In a compiled graph the index values, which torch.compile could not read when it traced the caller, are read
+# by the ops when they run, if they may be then (not under CUDA-graph capture nor ``trusted_index_values``).
+# Unchecked, a block id or slot out of range makes a kernel read or write outside the cache: an illegal memory
+# access on the GPU, a crash of the Triton interpreter's process (the CPU C++ kernels' own checks raise a
+# RuntimeError that names no argument). Each op below is a custom op, one opaque node in a graph:
+# - the Triton ops take ``check_values``: true when the caller could not read the values;
+# - the C++ ops (csrc/cpu, csrc/cuda) are called directly when eager, without a Python custom op's dispatch
+#   per call (the public function has read the values, or may not); a traced call goes through
+#   ``llmfast::*_cxx`` instead, which reads them when the graph runs.
 
 
 @torch.library.custom_op(
@@ -136,19 +130,37 @@ def _write_kv_cache_triton(
     _write_kv_cache_triton_op(k, v, k_cache, v_cache, slot_mapping, not values_readable())
 
 
-def _write_kv_cache_cxx(device_type: str):
-    """write_kv_cache through ``torch.ops.llmfast.write_kv_cache_{device_type}`` (csrc/cpu or csrc/cuda)."""
+def _cxx_op(name: str, device: torch.device):
+    """``torch.ops.llmfast.<name>_cpu`` or ``_cuda``, for tensors on ``device``."""
+    return getattr(torch.ops.llmfast, f"{name}_{device.type}")
 
-    def write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slot_mapping: torch.Tensor) -> None:
-        if not _cxx_cache_layout(k_cache, v_cache):
-            # the caches are written in place, so a layout the kernel cannot address goes the reference's way
-            write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
-            return
-        op = getattr(torch.ops.llmfast, f"write_kv_cache_{device_type}")
-        op(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)  # contiguous_index'd by write_kv_cache
 
-    return write
+@torch.library.custom_op(
+    "llmfast::write_kv_cache_cxx", mutates_args=("k_cache", "v_cache"), device_types=("cuda", "cpu")
+)
+def _write_kv_cache_cxx_op(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    if values_readable():
+        _check_slot_values(slot_mapping, k_cache)
+    _cxx_op("write_kv_cache", k.device)(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_write_kv_cache_cxx_op.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping):
+    return None
+
+
+def _write_kv_cache_cxx(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """write_kv_cache through ``torch.ops.llmfast.write_kv_cache_{cpu,cuda}``."""
+    if not _cxx_cache_layout(k_cache, v_cache):
+        # the caches are written in place, so a layout the kernel cannot address goes the reference's way
+        write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
+        return
+    write = _write_kv_cache_cxx_op if torch.compiler.is_compiling() else _cxx_op("write_kv_cache", k.device)
+    write(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)  # contiguous_index'd by write_kv_cache
 
 
 def write_kv_cache_reference(
@@ -330,20 +342,40 @@ def _paged_attention_triton(
     )
 
 
-def _paged_attention_cxx(device_type: str):
-    """paged_attention through ``torch.ops.llmfast.paged_attention_{device_type}``, which takes contiguous
-    inputs and caches strided alike with a unit head_dim stride."""
+@torch.library.custom_op("llmfast::paged_attention_cxx", mutates_args=(), device_types=("cuda", "cpu"))
+def _paged_attention_cxx_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    max_seqlen_q: Optional[int],
+    softmax_scale: float,
+) -> torch.Tensor:
+    if values_readable():
+        _check_paged_index_values(q, k_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q)
+    op = _cxx_op("paged_attention", q.device)
+    return op(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale)
 
-    def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-               context_lens: torch.Tensor, *, cu_seqlens_q: torch.Tensor | None, max_seqlen_q: int | None,
-               softmax_scale: float) -> torch.Tensor:
-        if not _cxx_cache_layout(k_cache, v_cache):
-            k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-        op = getattr(torch.ops.llmfast, f"paged_attention_{device_type}")
-        # the index tensors arrive contiguous (paged_attention's contiguous_index)
-        return op(q.contiguous(), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale)
 
-    return attend
+@_paged_attention_cxx_op.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale):
+    return q.new_empty(q.shape)  # contiguous, as the C++ ops allocate it
+
+
+def _paged_attention_cxx(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor, *, cu_seqlens_q: torch.Tensor | None, max_seqlen_q: int | None,
+                         softmax_scale: float) -> torch.Tensor:
+    """paged_attention through ``torch.ops.llmfast.paged_attention_{cpu,cuda}``, which take contiguous inputs
+    and caches strided alike with a unit head_dim stride."""
+    if not _cxx_cache_layout(k_cache, v_cache):
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    # the index tensors arrive contiguous (paged_attention's contiguous_index)
+    args = (q.contiguous(), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
+    if torch.compiler.is_compiling():
+        return _paged_attention_cxx_op(*args, max_seqlen_q, softmax_scale)
+    return _cxx_op("paged_attention", q.device)(*args, softmax_scale)
 
 
 def _no_backward(ctx, grad_out):
@@ -353,6 +385,7 @@ def _no_backward(ctx, grad_out):
 
 # without this, a backward through the C++ ops left q.grad None with only a warning from autograd's fallback
 _paged_attention_triton_op.register_autograd(_no_backward)
+_paged_attention_cxx_op.register_autograd(_no_backward)
 for _device in ("cpu", "cuda"):
     if _ext.has_op(f"paged_attention_{_device}"):
         torch.library.register_autograd(f"llmfast::paged_attention_{_device}", _no_backward)
@@ -398,5 +431,5 @@ for _op, _triton, _cxx, _reference in (
 ):
     register(_op, "triton")(_triton)
     for _device in ("cuda", "cpu"):
-        register(_op, _device, needs=f"{_op}_{_device}")(_cxx(_device))
+        register(_op, _device, needs=f"{_op}_{_device}")(_cxx)
     register(_op, "reference")(_reference)
