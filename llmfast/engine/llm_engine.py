@@ -57,6 +57,21 @@ def _sampling_defaults(path: Path) -> dict:
     return defaults
 
 
+def encode_text(tokenizer, text: str, name: str, add_special_tokens: bool = True) -> list[int]:
+    """The token ids of a text prompt; a ValueError naming ``name`` when it cannot be tokenized. An empty
+    text is tokenized too (a tokenizer may add a bos token to it, as vLLM reads it); no tokens is refused
+    later, with token-id prompts."""
+    if tokenizer is None:
+        raise ValueError(f"{name}: a text prompt needs a tokenizer, and the checkpoint has none; "
+                         "pass token ids instead")
+    try:  # JSON and Python strings can hold lone surrogates, which no tokenizer can encode
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name}: the text is not valid Unicode: a lone surrogate {text[exc.start]!r} at "
+                         f"character {exc.start}") from None
+    return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+
 class LLMEngine:
     def __init__(self, model: str | Path, dtype="auto", device="auto", quantization: str | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
@@ -101,18 +116,8 @@ class LLMEngine:
         self._request_ids = itertools.count()
 
     def encode(self, text: str, name: str, add_special_tokens: bool = True) -> list[int]:
-        """The token ids of a text prompt; a ValueError naming ``name`` when it cannot be tokenized. An empty
-        text is tokenized too (a tokenizer may add a bos token to it, as vLLM reads it); no tokens is refused
-        later, with token-id prompts."""
-        if self.tokenizer is None:
-            raise ValueError(f"{name}: a text prompt needs a tokenizer, and the checkpoint has none; "
-                             "pass token ids instead")
-        try:  # JSON and Python strings can hold lone surrogates, which no tokenizer can encode
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"{name}: the text is not valid Unicode: a lone surrogate {text[exc.start]!r} at "
-                             f"character {exc.start}") from None
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+        """The token ids of a text prompt (``encode_text`` with the engine's tokenizer)."""
+        return encode_text(self.tokenizer, text, name, add_special_tokens)
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
         """Queues the ``params.n`` sequences of one (validated) request."""

@@ -1,21 +1,28 @@
 """One engine loop for every HTTP connection: continuous batching across requests.
 
-A single asyncio task owns the ``LLM``. Between two steps it admits the requests that arrived (tokenizing
-and checking them, so a bad prompt is refused before anything runs) and applies aborts; each step, and the
-tokenizing, runs on one worker thread (the forward releases the GIL, so the event loop keeps serving
-connections meanwhile, also while a megabyte prompt is tokenized); after a step, the new pieces of every
-running request go to that request's asyncio queue. Only this task and its one worker thread touch the
-engine and its tokenizer, so nothing in them is ever used from two threads at once.
+A single asyncio task owns the ``LLM``. Between two steps it admits the requests whose prompts are
+tokenized (checking them, so a bad prompt is refused before anything runs) and applies aborts; each step
+runs on the engine's worker thread (the forward releases the GIL, so the event loop keeps serving
+connections meanwhile); after a step, the new pieces of every running request go to that request's asyncio
+queue. Only this task and that thread touch the engine and its tokenizer (which detokenizes each step).
+
+A prompt is tokenized as soon as it arrives, on a second thread with a copy of the tokenizer of its own (a
+Hugging Face fast tokenizer used from two threads at once fails: "Already borrowed"), so steps go on while
+a megabyte prompt is tokenized. That thread tokenizes one request at a time in arrival order, and each
+request is admitted at the first step boundary after its tokenizing ended.
 """
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import AsyncIterator
 
 from llmfast.engine import LLM, CompletionOutput, SamplingParams
+from llmfast.engine.llm_engine import encode_text
 from llmfast.engine.sequence import Sequence
 
 logger = logging.getLogger("llmfast.server")
@@ -29,6 +36,7 @@ class Request:
     params: SamplingParams
     add_special_tokens: bool
     admitted: asyncio.Future  # set once checked and queued; raises ValueError for a bad prompt
+    tokenizing: asyncio.Future | None = None  # its tokenizing on the tokenizing thread
     tokenized: list | Exception | None = None  # (text, token ids) per prompt, or why tokenizing failed
     # max_tokens is the model's default, not the body's: each prompt takes at most what the model's length
     # leaves it (vLLM's rule), instead of being refused as too long
@@ -52,17 +60,21 @@ class AsyncEngine:
         self._running: list[Request] = []
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmfast-engine")
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmfast-tokenize")
+        self._tokenizer = None  # the tokenizing thread's own, copied by start()
         self._task: asyncio.Task | None = None
         self.num_aborted = 0  # requests ended early because their client went away
         self.peak_running_seqs = 0  # the largest batch of running sequences seen (continuous batching at work)
 
     def start(self) -> None:
+        self._tokenizer = copy.deepcopy(self.llm.tokenizer)  # the engine's own is the engine thread's
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="llmfast-engine-loop")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._tokenizing.shutdown(wait=True, cancel_futures=True)  # nothing will admit what it tokenizes
         self._executor.shutdown(wait=True)  # a step under way ends before the engine goes away
 
     async def add(self, prompts: list[str | list[int]], params: SamplingParams,
@@ -74,7 +86,8 @@ class AsyncEngine:
         request = Request(prompts, params, add_special_tokens, admitted=loop.create_future(),
                           cap_max_tokens=cap_max_tokens)
         self._pending.append(request)
-        self._wake.set()
+        request.tokenizing = loop.run_in_executor(self._tokenizing, self._tokenize_request, request)
+        request.tokenizing.add_done_callback(partial(self._tokenized, request))
         try:
             await request.admitted
         except asyncio.CancelledError:  # the client left before its request was admitted
@@ -94,6 +107,7 @@ class AsyncEngine:
         """Ends ``request`` (a no-op once it finished): its sequences and KV blocks are freed between steps."""
         if not request.aborted and not request.finished:
             request.aborted = True
+            request.tokenizing.cancel()  # a tokenizing not begun yet never runs (one under way ends unheeded)
             self._aborts.append(request)
             self._wake.set()
 
@@ -101,13 +115,10 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         scheduler = self.llm.scheduler
         while True:
-            untokenized = [request for request in self._pending if request.tokenized is None]
-            if untokenized:
-                await loop.run_in_executor(self._executor, self._tokenize_requests, untokenized)
             self._admit()
             if not scheduler.has_unfinished():
-                if self._pending:  # arrived during the tokenizing above (their wake-up came before this)
-                    continue
+                # nothing to step: sleep until a tokenizing ends or an abort comes (both set the event on the
+                # event loop, so never between this _admit and the clear: no wake-up is lost)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -132,7 +143,7 @@ class AsyncEngine:
         for request in pending:
             if request.aborted:
                 continue
-            if request.tokenized is None:  # arrived while others were tokenized: next time round
+            if request.tokenized is None:  # still being tokenized: next time round
                 self._pending.append(request)
                 continue
             try:
@@ -156,18 +167,23 @@ class AsyncEngine:
             self._running.append(request)
             request.admitted.set_result(None)
 
-    def _tokenize_requests(self, requests: list[Request]) -> None:
-        """On the worker thread: each request's prompts as (text, token ids), or the error that stopped it."""
-        for request in requests:
-            try:
-                request.tokenized = [self._tokenize(p, request.add_special_tokens) for p in request.prompts]
-            except Exception as exc:  # raised when the request is admitted, as a check's error would be
-                request.tokenized = exc
+    def _tokenize_request(self, request: Request) -> list | Exception:
+        """On the tokenizing thread: the request's prompts as (text, token ids), or the error that stopped it."""
+        try:
+            return [self._tokenize(p, request.add_special_tokens) for p in request.prompts]
+        except Exception as exc:  # raised when the request is admitted, as a check's error would be
+            return exc
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> tuple[str | None, list[int]]:
         if not isinstance(prompt, str):
             return None, list(prompt)
-        return prompt, self.llm.encode(prompt, "prompt", add_special_tokens)
+        return prompt, encode_text(self._tokenizer, prompt, "prompt", add_special_tokens)
+
+    def _tokenized(self, request: Request, tokenizing: asyncio.Future) -> None:
+        """On the event loop once ``request``'s tokenizing ended: the engine loop may admit it now."""
+        if not tokenizing.cancelled():
+            request.tokenized = tokenizing.result()
+            self._wake.set()
 
     def _check_length(self, ids: list[int], max_tokens: int | None) -> None:
         """vLLM's rule: the prompt and ``max_tokens`` together must fit the model's length."""
