@@ -3,9 +3,11 @@
 The CPU build of torch cannot build llmfast._C_cuda (setup.py skips it), but it ships the ATen/c10 CUDA
 headers; only c10's generated cuda_cmake_macros.h is missing, and a stub stands in for it. This compiles
 and assembles each file (ptxas: registers, shared memory) with torch's nvcc flags and setup.py's, so a
-compile error or a warning in our sources shows here (ptxas' register and spill report is in the log), not in a device call. Nothing is linked or run.
+compile error, a warning in our sources or a register spill shows here (ptxas' register and spill report is
+in the log), not in a device call. Nothing is linked or run.
 """
 import pathlib
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -58,3 +60,17 @@ def test_compiles_for_sm90a_without_warnings(compiled, name):
     assert returncode == 0, log[-4000:]
     ours = [line for line in log.splitlines() if "csrc/cuda" in line and "warning" in line.lower()]
     assert not ours, "\n".join(ours)
+
+
+@pytest.mark.parametrize("name", [s.name for s in SOURCES])
+def test_no_kernel_spills_registers(compiled, name):
+    """A spill goes to local memory: inside a kernel's key loop (as ptxas once chose for the 64-row
+    paged_attention_kernel, see its __launch_bounds__) it costs a memory round trip per iteration."""
+    returncode, log = compiled[name]
+    assert returncode == 0, log[-4000:]
+    reports = re.findall(r"Function properties for (\S+)\n\s*\d+ bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads", log)
+    assert reports, log[-4000:]
+    spilled = [f"{function}: {stores} bytes stored, {loads} loaded" for function, stores, loads in reports
+               if int(stores) or int(loads)]
+    assert not spilled, "\n".join(spilled)

@@ -540,6 +540,34 @@ def test_paged_attention_ignores_unused_block_table_entries(backend, make_args):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def _large_group_case(group, head_dim, chunked, dtype):
+    """(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, q_seqs, k_seqs, v_seqs) for 2 kv heads of
+    ``group`` query heads each: decode, or chunks of 3 and 1 queries."""
+    contexts = [41, 9]
+    query_lens = [3, 1] if chunked else [1, 1]
+    k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, 8, 2, head_dim, dtype)
+    q_seqs = [_randn(n, 2 * group, head_dim, dtype=dtype) for n in query_lens]
+    cu_seqlens_q = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0).to(torch.int32) if chunked else None
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    return torch.cat(q_seqs), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, q_seqs, k_seqs, v_seqs
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked"])
+@pytest.mark.parametrize("group", [17, 71])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_attention_groups_larger_than_a_program(backend, group, chunked):
+    """MQA-like groups of more query heads per kv head than one CUDA program takes (16, or 64: 71 is
+    Falcon-7B's), and than the ratios above: every head of the group is computed."""
+    require_backend(backend, "paged_attention")
+    q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, q_seqs, k_seqs, v_seqs = _large_group_case(
+        group, 64, chunked, torch.float32)
+    with poison_allocations():
+        out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q,
+                              backend=backend)
+    expected = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True).float()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -582,6 +610,25 @@ def test_gpu_paged_chunked_prefill(backend, dtype, head_dim):
             torch.cat(q_seqs), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q,
             backend=backend,
         )
+    ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
+    assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), ref)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked"])
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("group", [17, 32, 64, 71])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_paged_attention_groups_larger_than_a_program(backend, group, head_dim, chunked):
+    """The CUDA kernel's 64-row programs (one per group of 17 to 64 heads, past 48 KB of shared memory at
+    head_dim 256) and a group of 71 split over two, in bf16."""
+    require_backend(backend, "paged_attention", torch.device("cuda"))
+    q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, q_seqs, k_seqs, v_seqs = _large_group_case(
+        group, head_dim, chunked, torch.bfloat16)
+    with poison_allocations():
+        out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q,
+                              backend=backend)
     ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
     assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), ref)
 

@@ -2,11 +2,11 @@
 // Cache layout (num_blocks, block_size, kv_heads, head_dim), unit head_dim stride, k and v strided alike.
 // Attention: one thread block (CTA) per (query tile, split of the keys, kv head, chunk of the group's
 // query heads). A CTA's rows are (query token, query head) pairs of one kv head, so each K/V tile is read
-// from memory once, with 16-byte loads, for every query head of the group. A decode tile is one token
-// (rows = the group's heads); a prefill tile is several tokens of one sequence. Long contexts are split
-// across CTAs (flash-decoding) when the other grid dimensions do not fill the GPU; the splits' partial
-// softmaxes are merged by a reduce kernel. Math in fp32 on CUDA cores: decode is bandwidth-bound, and
-// the Triton kernel (preferred by "auto") covers chunked prefill with tensor cores.
+// from memory once, with 16-byte loads, for every query head of the group (of up to 64 heads: kWideRows).
+// A decode tile is one token (rows = the group's heads); a prefill tile is several tokens of one sequence.
+// Long contexts are split across CTAs (flash-decoding) when the other grid dimensions do not fill the GPU;
+// the splits' partial softmaxes are merged by a reduce kernel. Math in fp32 on CUDA cores: decode is
+// bandwidth-bound, and the Triton kernel (preferred by "auto") covers chunked prefill with tensor cores.
 #include <algorithm>
 #include <cstdint>
 #include <optional>
@@ -23,11 +23,17 @@
 namespace llmfast {
 namespace {
 
-constexpr int kThreads = 128;        // 4 warps per CTA; not yet tuned on the H100
-constexpr int kRows = 16;            // query rows (token, head) per CTA
+constexpr int kThreads = 128;        // 4 warps per write or reduce CTA; not yet tuned on the H100
 constexpr int kMaxHeadDim = 256;     // as llmfast.ops.attention.MAX_HEAD_DIM
 constexpr int kMaxTileKeys = 32;     // keys per shared-memory tile (16 at head_dim > 128)
-constexpr int kMaxAcc = kRows * kMaxHeadDim / kThreads;  // output elements each thread accumulates
+// Query rows (token, head) per attention CTA. 16 rows serve groups of up to 16 heads (and prefill tiles
+// of several tokens); 64 rows let one CTA take a whole MQA/GQA group of 17-64 heads, so its K/V are read
+// once rather than once per 16 heads. 64 is the most that fits well at head_dim 256: 86 KB of shared
+// memory (64 KB of it the fp32 q rows) fit sm_80 (163 KB) and sm_86/sm_89 (99 KB) and leave two CTAs per
+// sm_90 SM, where 128 rows would take 156 KB and 128 accumulators a thread. A larger group (Falcon-7B's
+// 71) is split over ceil(group / 64) CTAs, each of which reads the K/V again.
+constexpr int kNarrowRows = 16;
+constexpr int kWideRows = 64;
 constexpr int kMinSplitKeys = 128;   // a split shorter than this costs more in the reduce than it saves
 constexpr int kMaxSplits = 64;
 constexpr float kNoScore = -1e30f;   // finite running-max start: exp2f(-inf - kNoScore) is 0, not NaN
@@ -38,6 +44,19 @@ template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
+
+// Threads of an attention CTA of `rows` rows: each holds rows * kMaxHeadDim / threads P @ V outputs in
+// registers, 32 at 16 rows and 64 at 64 rows.
+constexpr int attention_threads(int rows) {
+  return rows <= kNarrowRows ? 128 : 256;
+}
+
+// CTAs an SM must be able to hold (__launch_bounds__): as many as shared memory allows an sm_90 SM at
+// head_dim 256 (34 KB and 86 KB a CTA), capping registers at 80 and 128 a thread. Left to itself, ptxas
+// (CUDA 13.0, sm_90a) used fewer and spilled the 64-row kernel's accumulators inside the key loop.
+constexpr int attention_min_ctas(int rows) {
+  return rows <= kNarrowRows ? 6 : 2;
+}
 
 struct CacheLayout {
   int64_t stride_block, stride_slot, stride_head;  // elements; same for k_cache and v_cache
@@ -78,8 +97,8 @@ struct AttentionParams {
   CacheLayout layout;
   int num_seqs, heads, kv_heads, head_dim, max_blocks;
   int group;            // query heads per kv head
-  int heads_per_cta;    // min(group, kRows)
-  int tokens_per_tile;  // 1 for decode; kRows / heads_per_cta for prefill
+  int heads_per_cta;    // the group, or an even share of a group larger than a CTA's rows
+  int tokens_per_tile;  // 1 for decode; the CTA's rows / heads_per_cta for prefill
   int num_splits, tile_keys;
   float scale_log2;     // softmax_scale * log2(e): scores go through exp2f
 };
@@ -113,24 +132,38 @@ __device__ bool find_tile(const AttentionParams& p, int64_t tile, int& seq, int&
   return false;
 }
 
+// Per-row state of an attention CTA, in static shared memory (the launcher counts sizeof of it against
+// the device's limit, beside the dynamic part: attention_smem).
+template <int kRows>
+struct RowState {
+  float m[kRows], l[kRows], alpha[kRows];  // running max (log2 domain) and sum; this tile's rescale
+  int64_t q[kRows];                        // global query row, -1 when the row is padding
+  int head[kRows], pos[kRows];             // query head; the query's position in its context
+};
+
+// Dynamic shared memory of an attention CTA: q rows and one K or V tile, both widened to fp32 (tile
+// rows padded to head_dim + 1 floats, so threads reading one column of consecutive keys hit distinct
+// banks), and the tile's scores.
+size_t attention_smem(int rows, int head_dim, int tile_keys) {
+  return sizeof(float) * (rows * head_dim + tile_keys * (head_dim + 1) + rows * tile_keys);
+}
+
 // Grid (query tiles bound * num_splits, kv_heads, head chunks). q, out: (total_q, heads, head_dim).
-// Shared memory: q rows and one K or V tile, both widened to fp32 (tile rows padded to head_dim + 1
-// floats, so threads reading one column of consecutive keys hit distinct banks), and the tile's scores.
-template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads) paged_attention_kernel(const T* __restrict__ q,
-                                                                   const T* __restrict__ k_cache,
-                                                                   const T* __restrict__ v_cache,
-                                                                   T* __restrict__ out, AttentionParams p) {
+template <typename T, int kVec, int kRows>
+__global__ void __launch_bounds__(attention_threads(kRows), attention_min_ctas(kRows))
+    paged_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                           T* __restrict__ out, AttentionParams p) {
   using VecT = Pack<T, kVec>;
+  constexpr int kCtaThreads = attention_threads(kRows);
+  constexpr int kAcc = kRows * kMaxHeadDim / kCtaThreads;  // output elements each thread accumulates
+  static_assert(kCtaThreads >= kRows, "one thread per row runs the online softmax");
   extern __shared__ float smem[];
   const int D = p.head_dim;
   const int kv_stride = D + 1;
   float* q_s = smem;                              // (kRows, D)
   float* kv_s = q_s + kRows * D;                // (tile_keys, D + 1)
   float* s_s = kv_s + p.tile_keys * kv_stride;  // (kRows, tile_keys): scores, then probabilities
-  __shared__ float m_s[kRows], l_s[kRows], alpha_s[kRows];
-  __shared__ int64_t row_q_s[kRows];  // global query row, -1 when the row is padding
-  __shared__ int row_head_s[kRows], row_pos_s[kRows];
+  __shared__ RowState<kRows> rows;
 
   const int split = blockIdx.x % p.num_splits;
   int seq, first_token, n_q;
@@ -148,16 +181,16 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const T* __re
     const int token = first_token + r / p.heads_per_cta;
     const int h = head_begin + r % p.heads_per_cta;
     const bool valid = r < p.tokens_per_tile * p.heads_per_cta && token < n_q && h < p.group;
-    row_q_s[r] = valid ? q_start + token : -1;
-    row_head_s[r] = kv_head * p.group + h;
-    row_pos_s[r] = context - n_q + token;  // queries are the last tokens of the context
-    m_s[r] = kNoScore;
-    l_s[r] = 0.f;
+    rows.q[r] = valid ? q_start + token : -1;
+    rows.head[r] = kv_head * p.group + h;
+    rows.pos[r] = context - n_q + token;  // queries are the last tokens of the context
+    rows.m[r] = kNoScore;
+    rows.l[r] = 0.f;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < kRows * D; i += blockDim.x) {
     const int r = i / D;
-    q_s[i] = row_q_s[r] < 0 ? 0.f : static_cast<float>(q[(row_q_s[r] * p.heads + row_head_s[r]) * D + i % D]);
+    q_s[i] = rows.q[r] < 0 ? 0.f : static_cast<float>(q[(rows.q[r] * p.heads + rows.head[r]) * D + i % D]);
   }
 
   // keys the tile's last query sees, then this split's share of them in whole tiles
@@ -167,9 +200,9 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const T* __re
   const int kv_lo = split * split_len;
   const int kv_hi = min(kv_lo + split_len, kv_end);
 
-  float acc[kMaxAcc];
+  float acc[kAcc];
 #pragma unroll
-  for (int i = 0; i < kMaxAcc; ++i) acc[i] = 0.f;
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
 
   const int n_vec = D / kVec;
   const int* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
@@ -197,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const T* __re
       const int r = i / p.tile_keys;
       const int j = i % p.tile_keys;
       float score = -INFINITY;  // padding rows, keys past the tile, keys after the row's query
-      if (row_q_s[r] >= 0 && j < keys && start + j <= row_pos_s[r]) {
+      if (rows.q[r] >= 0 && j < keys && start + j <= rows.pos[r]) {
         float dot = 0.f;
         for (int d = 0; d < D; ++d) dot += q_s[r * D + d] * kv_s[j * kv_stride + d];
         score = dot * p.scale_log2;
@@ -209,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const T* __re
     // online softmax, one thread per row
     if (threadIdx.x < kRows) {
       const int r = threadIdx.x;
-      float m_new = m_s[r];
+      float m_new = rows.m[r];
       for (int j = 0; j < keys; ++j) m_new = fmaxf(m_new, s_s[r * p.tile_keys + j]);
       float sum = 0.f;
       for (int j = 0; j < keys; ++j) {
@@ -217,44 +250,45 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const T* __re
         s_s[r * p.tile_keys + j] = prob;
         sum += prob;
       }
-      alpha_s[r] = exp2f(m_s[r] - m_new);
-      l_s[r] = l_s[r] * alpha_s[r] + sum;
-      m_s[r] = m_new;
+      rows.alpha[r] = exp2f(rows.m[r] - m_new);
+      rows.l[r] = rows.l[r] * rows.alpha[r] + sum;
+      rows.m[r] = m_new;
     }
     __syncthreads();
-    // P @ V: thread t owns output elements t, t + kThreads, ... of the (kRows, D) tile
+    // P @ V: thread t owns output elements t, t + kCtaThreads, ... of the (kRows, D) tile; padding rows
+    // (most of a 64-row decode CTA for a group of 17) are skipped
 #pragma unroll
-    for (int a = 0; a < kMaxAcc; ++a) {
-      const int i = threadIdx.x + a * kThreads;
-      if (i < kRows * D) {
+    for (int a = 0; a < kAcc; ++a) {
+      const int i = threadIdx.x + a * kCtaThreads;
+      if (i < kRows * D && rows.q[i / D] >= 0) {
         const int r = i / D;
         const int d = i % D;
         float pv = 0.f;
         for (int j = 0; j < keys; ++j) pv += s_s[r * p.tile_keys + j] * kv_s[j * kv_stride + d];
-        acc[a] = acc[a] * alpha_s[r] + pv;
+        acc[a] = acc[a] * rows.alpha[r] + pv;
       }
     }
   }
 
 #pragma unroll
-  for (int a = 0; a < kMaxAcc; ++a) {
-    const int i = threadIdx.x + a * kThreads;
-    if (i < kRows * D && row_q_s[i / D] >= 0) {
+  for (int a = 0; a < kAcc; ++a) {
+    const int i = threadIdx.x + a * kCtaThreads;
+    if (i < kRows * D && rows.q[i / D] >= 0) {
       const int r = i / D;
-      const int64_t row = row_q_s[r] * p.heads + row_head_s[r];
+      const int64_t row = rows.q[r] * p.heads + rows.head[r];
       if (p.num_splits == 1) {
-        const float l = l_s[r];
+        const float l = rows.l[r];
         out[row * D + i % D] = static_cast<T>(l > 0.f ? acc[a] / l : 0.f);  // no key seen: 0
       } else {
         p.part_acc[(row * p.num_splits + split) * D + i % D] = acc[a];
       }
     }
   }
-  if (p.num_splits > 1 && threadIdx.x < kRows && row_q_s[threadIdx.x] >= 0) {
+  if (p.num_splits > 1 && threadIdx.x < kRows && rows.q[threadIdx.x] >= 0) {
     const int r = threadIdx.x;
-    const int64_t part = (row_q_s[r] * p.heads + row_head_s[r]) * p.num_splits + split;
-    p.part_max[part] = m_s[r];
-    p.part_sum[part] = l_s[r];
+    const int64_t part = (rows.q[r] * p.heads + rows.head[r]) * p.num_splits + split;
+    p.part_max[part] = rows.m[r];
+    p.part_sum[part] = rows.l[r];
   }
 }
 
@@ -360,6 +394,19 @@ int choose_splits(int64_t ctas, int64_t max_keys, int device) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({fill, max_keys / kMinSplitKeys, kMaxSplits})));
 }
 
+// Rows per attention CTA: kWideRows for a group of more than kNarrowRows heads, so one CTA reads the
+// group's K/V, where the device lets a CTA have the shared memory (every sm_80 or later GPU; sm_75's
+// 64 KB only up to head_dim 128); else kNarrowRows, the group then split over several CTAs.
+int choose_rows(int group, int head_dim, int tile_keys, int device) {
+  if (group <= kNarrowRows) {
+    return kNarrowRows;
+  }
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t wide = attention_smem(kWideRows, head_dim, tile_keys) + sizeof(RowState<kWideRows>);
+  return wide <= static_cast<size_t>(optin) ? kWideRows : kNarrowRows;
+}
+
 at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& block_tables, const at::Tensor& context_lens,
                                 const std::optional<at::Tensor>& cu_seqlens_q, double softmax_scale) {
@@ -411,11 +458,13 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   p.head_dim = head_dim;
   p.max_blocks = static_cast<int>(block_tables.size(1));
   p.group = heads / kv_heads;
-  p.heads_per_cta = std::min(p.group, kRows);
-  p.tokens_per_tile = decode ? 1 : kRows / p.heads_per_cta;
-  p.tile_keys = head_dim <= 128 ? kMaxTileKeys : kMaxTileKeys / 2;  // keeps shared memory under 48 KB
+  p.tile_keys = head_dim <= 128 ? kMaxTileKeys : kMaxTileKeys / 2;  // a K or V tile of at most 16.5 KB
+  const int rows = choose_rows(p.group, head_dim, p.tile_keys, q.get_device());
+  const int head_chunks = (p.group + rows - 1) / rows;
+  // even chunks, so that the last is not mostly padding: 71 heads as 36 + 35, not 64 + 7
+  p.heads_per_cta = (p.group + head_chunks - 1) / head_chunks;
+  p.tokens_per_tile = decode ? 1 : rows / p.heads_per_cta;
   p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
-  const int head_chunks = (p.group + kRows - 1) / kRows;
   // every sequence's tiles, bounded without reading cu_seqlens_q: sum ceil(n_i / t) <= total_q / t + num_seqs
   const int64_t tiles = decode ? num_seqs : total_q / p.tokens_per_tile + num_seqs;
   p.num_splits = choose_splits(tiles * kv_heads * head_chunks, block_tables.size(1) * k_cache.size(1),
@@ -434,20 +483,30 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
                   total_q * heads <= INT32_MAX, op, ": too many queries or heads, got q ", q.sizes());
   const dim3 grid(static_cast<unsigned>(tiles * p.num_splits), static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(head_chunks));
-  const size_t smem = sizeof(float) * (kRows * head_dim + p.tile_keys * (head_dim + 1) + kRows * p.tile_keys);
+  const size_t smem = attention_smem(rows, head_dim, p.tile_keys);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_V2(q.scalar_type(), "paged_attention_cuda", AT_WRAP([&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vectorized = cache_vectorizable(k_cache, kVec) && aligned(v_cache.const_data_ptr(), 16);
     auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, smem, stream>>>(q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
-                                               v_cache.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                               p);
+      // past 48 KB of shared memory (static and dynamic) a kernel must opt in; choose_rows checked the device
+      // allows it
+      if (smem + sizeof(RowState<kWideRows>) > 48 * 1024) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+      }
+      kernel<<<grid, attention_threads(rows), smem, stream>>>(
+          q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), v_cache.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), p);
     };
-    if (vectorized) {
-      launch(paged_attention_kernel<scalar_t, kVec>);
+    if (rows == kWideRows && vectorized) {
+      launch(paged_attention_kernel<scalar_t, kVec, kWideRows>);
+    } else if (rows == kWideRows) {
+      launch(paged_attention_kernel<scalar_t, 1, kWideRows>);
+    } else if (vectorized) {
+      launch(paged_attention_kernel<scalar_t, kVec, kNarrowRows>);
     } else {
-      launch(paged_attention_kernel<scalar_t, 1>);
+      launch(paged_attention_kernel<scalar_t, 1, kNarrowRows>);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (p.num_splits > 1) {
