@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_check.sh tests:attention               # pytest -m gpu tests/test_attention*.py
 #   steps: build, tests (pytest -m gpu), tests:NAME (one family's files), tests:all (the whole suite),
 #   bench:NAME[:ARGS]
-# GPU_CHECK_BUDGET_S=S: the seconds this call may take (the device call's timeout_s less ~20 s). Each step
+# GPU_CHECK_BUDGET_S=S: the seconds this call may take (the device call's timeout_s less ~10 s). Each step
 # then runs under `timeout` of what is left, and a step with under a minute left is skipped (the summary
 # says so), so the steps that finished come back packed even when the last one is cut off.
 # GPU_CHECK_WORKERS=N (default 8): the kernel test files (attention, norm, paged, quant) run in N pytest-xdist
@@ -41,7 +41,7 @@ pack() {  # after every step, so a run cut off by the time limit still brings ba
 run_step() {  # run_step NAME LOG COMMAND...: times COMMAND, tees it into logs/LOG, records the outcome
     local name=$1 log=$2 start=$SECONDS rc left
     shift 2
-    left=$((${GPU_CHECK_BUDGET_S:-100000} - SECONDS - 10))  # 10 s to pack what the step leaves
+    left=$((${GPU_CHECK_BUDGET_S:-100000} - SECONDS - 20))  # a step killed at the end: 10 s, then 10 to pack
     if [ $left -lt 60 ]; then
         summary+=("$(printf '%-32s %-8s' "$name" "skipped: ${left}s left of GPU_CHECK_BUDGET_S")")
         failed=$((failed + 1))
@@ -52,7 +52,7 @@ run_step() {  # run_step NAME LOG COMMAND...: times COMMAND, tees it into logs/L
     timeout -k 10 $left bash -c "$(declare -f build gpu_tests gpu_test_files); \"\$@\"" "$name" "$@" 2>&1 |
         tee "$LOGS/logs/$log" "$OUT/current_step.log"
     rc=$?
-    [ $rc -eq 124 ] && echo "=== $name: stopped at the GPU_CHECK_BUDGET_S limit" | tee -a "$LOGS/logs/$log"
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "=== $name: stopped at the GPU_CHECK_BUDGET_S limit" | tee -a "$LOGS/logs/$log"
     [ $rc -ne 0 ] && failed=$((failed + 1))
     pack
     summary+=("$(printf '%-32s %-8s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo "FAIL($rc)")" $((SECONDS - start)) "$log")")
@@ -65,7 +65,7 @@ build() {
 
 gpu_test_files() {  # [XDIST_ARGS...] -- FILES...: pytest -m gpu on FILES
     local xdist=()
-    while [ "$1" != "--" ]; do xdist+=("$1"); shift; done
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do xdist+=("$1"); shift; done
     shift
     LLMFAST_AUTOTUNE=${LLMFAST_AUTOTUNE:-first} python3 -m pytest -q -x -m gpu "${xdist[@]}" "$@"
     local rc=$?
@@ -83,8 +83,13 @@ gpu_tests() {  # [FILES...], default tests/: the kernel files in xdist processes
             *) rest+=("$f") ;;
         esac
     done
-    python3 -c "import xdist" 2> /dev/null && [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ] &&
-        workers=(-n "${GPU_CHECK_WORKERS:-8}")
+    if [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ]; then
+        if python3 -c "import xdist" 2> /dev/null; then
+            workers=(-n "${GPU_CHECK_WORKERS:-8}")
+        else
+            echo "pytest-xdist is missing: the kernel test files run in one process"
+        fi
+    fi
     if [ ${#kernels[@]} -gt 0 ]; then gpu_test_files "${workers[@]}" -- "${kernels[@]}" || return; fi
     if [ ${#rest[@]} -gt 0 ]; then gpu_test_files -- "${rest[@]}"; fi
 }

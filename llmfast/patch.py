@@ -20,7 +20,7 @@ from llmfast import ops
 from llmfast.nn import FusedAddLayerNorm, FusedAddRMSNorm, LayerNorm, RMSNorm
 from llmfast.nn.replace import replace_children
 from llmfast.ops._checks import FLOAT_DTYPES, values_readable
-from llmfast.ops.attention import MAX_HEAD_DIM
+from llmfast.ops.attention import MAX_HEAD_DIM, autocast_inputs
 
 ATTENTION_NAME = "llmfast"
 QUANTIZE_BITS = (4, 8)
@@ -129,7 +129,7 @@ def llmfast_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     if _attentions_requested(kwargs):  # a fused kernel never forms the probabilities the caller asks for
         return _attention_with_probs(module, query, key, value, attention_mask, dropout, scaling, causal)
-    query, key, value = _autocast(query, key, value)
+    query, key, value = autocast_inputs(query, key, value)
     supported = (
         dropout == 0.0 and query.dtype in FLOAT_DTYPES and key.dtype == value.dtype == query.dtype
         and query.shape[-1] == value.shape[-1] <= MAX_HEAD_DIM
@@ -153,16 +153,6 @@ def llmfast_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if causal and k.shape[1] > seqlen_q:  # as SDPA: a static cache's first chunk reads its first keys only
         k, v = k[:, :seqlen_q], v[:, :seqlen_q]
     return ops.attention(q, k, v, causal=causal, softmax_scale=scaling), None
-
-
-def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors in the autocast dtype inside a caller's autocast, as SDPA takes them there: under autocast
-    Llama's rotary embedding leaves query and key float32 beside a bf16 value, which no kernel takes."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
 def _attentions_requested(kwargs: dict) -> bool:

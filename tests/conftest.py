@@ -41,10 +41,8 @@ def _note_import_skip(report) -> None:
         _import_skips.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else ''}")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_make_collect_report(collector):
-    outcome = yield
-    _note_import_skip(outcome.get_result())
+def pytest_collectreport(report):  # a module skipped whole; xdist hands its workers' reports to this hook too
+    _note_import_skip(report)
 
 
 def pytest_runtest_logreport(report):

@@ -540,10 +540,9 @@ def test_paged_attention_ignores_unused_block_table_entries(backend, make_args):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def _large_group_case(group, head_dim, chunked, dtype):
+def _large_group_case(group, head_dim, chunked, dtype, contexts=(41, 9)):
     """(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, q_seqs, k_seqs, v_seqs) for 2 kv heads of
     ``group`` query heads each: decode, or chunks of 3 and 1 queries."""
-    contexts = [41, 9]
     query_lens = [3, 1] if chunked else [1, 1]
     k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, 8, 2, head_dim, dtype)
     q_seqs = [_randn(n, 2 * group, head_dim, dtype=dtype) for n in query_lens]
@@ -619,13 +618,14 @@ def test_gpu_paged_chunked_prefill(backend, dtype, head_dim):
 @pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked"])
 @pytest.mark.parametrize("head_dim", [128, 256])
 @pytest.mark.parametrize("group", [17, 32, 64, 71])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_paged_attention_groups_larger_than_a_program(backend, group, head_dim, chunked):
+def test_gpu_paged_attention_groups_larger_than_a_program(backend, dtype, group, head_dim, chunked):
     """The CUDA kernel's 64-row programs (one per group of 17 to 64 heads, past 48 KB of shared memory at
-    head_dim 256) and a group of 71 split over two, in bf16."""
+    head_dim 256) and a group of 71 split over two; a 4000-token context is split across programs too."""
     require_backend(backend, "paged_attention", torch.device("cuda"))
     q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, q_seqs, k_seqs, v_seqs = _large_group_case(
-        group, head_dim, chunked, torch.bfloat16)
+        group, head_dim, chunked, dtype, contexts=(4000, 9))
     with poison_allocations():
         out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_seqlens_q,
                               backend=backend)

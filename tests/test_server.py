@@ -629,3 +629,35 @@ def test_a_request_aborted_while_its_prompt_is_tokenized_is_dropped(llm, blocked
     assert queued == [PROMPTS[1], PROMPTS[2]]
     assert not llm.scheduler.has_unfinished()
     assert llm.block_manager.num_free_blocks == llm.runner.num_kv_blocks
+
+
+def test_a_tokenizer_that_cannot_be_copied_tokenizes_between_steps(llm, monkeypatch):
+    """The tokenizing thread needs a tokenizer of its own; one that deepcopy refuses is used on the engine
+    thread instead, between steps, rather than the server failing to start."""
+    import threading
+
+    from llmfast.server import async_engine
+
+    def refuse(obj, memo=None):
+        raise TypeError("cannot pickle 'Tokenizer' object")
+
+    threads = []
+    tokenize = async_engine.AsyncEngine._tokenize
+
+    def recording_tokenize(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(async_engine.copy, "deepcopy", refuse)
+    monkeypatch.setattr(async_engine.AsyncEngine, "_tokenize", recording_tokenize)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def run():
+        async with started_engine(llm) as engine:
+            request = await engine.add([PROMPTS[1]], params)
+            return await pieces_of(engine, request)
+
+    pieces = asyncio.run(run())
+    assert [t for piece in pieces for t in piece.token_ids] == \
+        llm.generate([PROMPTS[1]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert threads and all(name.startswith("llmfast-engine") for name in threads), threads

@@ -54,7 +54,7 @@ def attention(
     ``head_dim ** -0.5``. Differentiable with respect to ``q, k, v``. Inside ``torch.autocast``, ``q, k, v``
     are cast to its dtype first, as for ``F.scaled_dot_product_attention``.
     """
-    q, k, v = _autocast_inputs(q, k, v)
+    q, k, v = autocast_inputs(q, k, v)
     softmax_scale, max_seqlen_q, max_seqlen_k = _check_attention_inputs(
         q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
@@ -72,15 +72,18 @@ def attention(
     )
 
 
-def _autocast_inputs(q, k, v) -> tuple:
-    """Inside autocast, the floating ``q, k, v`` (not float64) in its dtype: the cast autocast gives
-    scaled_dot_product_attention, which is on its lower-precision list. A custom op gets no such cast, and the
-    kernels would run in float32."""
-    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
-        return q, k, v
-    dtype = torch.get_autocast_dtype(q.device.type)
+def autocast_inputs(*tensors) -> tuple:
+    """Inside autocast, the floating tensors (not float64) in its dtype: the cast autocast gives
+    scaled_dot_product_attention, which is on its lower-precision list. A custom op gets no such cast (the
+    kernels would run in float32), and under autocast HF Llama's rotary embedding leaves query and key float32
+    beside a bf16 value. Anything else passes through, for the checks to name."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or first.device.type not in ("cpu", "cuda") \
+            or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                 else t for t in (q, k, v))
+                 else t for t in tensors)
 
 
 def _check_attention_inputs(

@@ -4,7 +4,8 @@ A single asyncio task owns the ``LLM``. Between two steps it admits the requests
 tokenized (checking them, so a bad prompt is refused before anything runs) and applies aborts; each step
 runs on the engine's worker thread (the forward releases the GIL, so the event loop keeps serving
 connections meanwhile); after a step, the new pieces of every running request go to that request's asyncio
-queue. Only this task and that thread touch the engine and its tokenizer (which detokenizes each step).
+queue. Only this task and that thread touch the engine and its tokenizer (which detokenizes each step;
+the chat handler only renders a chat template with it, which runs no tokenizing).
 
 A prompt is tokenized as soon as it arrives, on a second thread with a copy of the tokenizer of its own (a
 Hugging Face fast tokenizer used from two threads at once fails: "Already borrowed"), so steps go on while
@@ -67,7 +68,11 @@ class AsyncEngine:
         self.peak_running_seqs = 0  # the largest batch of running sequences seen (continuous batching at work)
 
     def start(self) -> None:
-        self._tokenizer = copy.deepcopy(self.llm.tokenizer)  # the engine's own is the engine thread's
+        try:
+            self._tokenizer = copy.deepcopy(self.llm.tokenizer)  # the engine's own is the engine thread's
+        except Exception as exc:  # a tokenizer that cannot be copied tokenizes on the engine thread, between steps
+            logger.warning("the tokenizer cannot be copied (%s): prompts are tokenized between engine steps", exc)
+            self._tokenizer, self._tokenizing = self.llm.tokenizer, self._executor
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="llmfast-engine-loop")
 
     async def stop(self) -> None:
@@ -182,7 +187,7 @@ class AsyncEngine:
     def _tokenized(self, request: Request, tokenizing: asyncio.Future) -> None:
         """On the event loop once ``request``'s tokenizing ended: the engine loop may admit it now."""
         if not tokenizing.cancelled():
-            request.tokenized = tokenizing.result()
+            request.tokenized = tokenizing.exception() or tokenizing.result()  # BaseExceptions too: no hang
             self._wake.set()
 
     def _check_length(self, ids: list[int], max_tokens: int | None) -> None:
