@@ -57,7 +57,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if REQUIRE_IMPORTS and _import_skips and exitstatus == 0:
+    if REQUIRE_IMPORTS and _import_skips and exitstatus in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = 1
 
 
