@@ -48,6 +48,14 @@ def cuda_build_blocker(torch_cuda: str | None, cuda_home: str | None, cuda_sourc
     nvcc = os.path.join(cuda_home, "bin", "nvcc")
     if not os.access(nvcc, os.X_OK):
         return f"no nvcc at {nvcc} (a CUDA runtime without the toolkit?)"
+    # torch takes CUDA_HOME from the nvcc on PATH: /usr/local for a wrapper script in /usr/local/bin, where the
+    # compiling works and the link (-lcudart) fails the whole install
+    headers = os.path.join(cuda_home, "include", "cuda_runtime.h")
+    runtime = glob.glob(os.path.join(cuda_home, "lib64", "libcudart.so*")) + glob.glob(
+        os.path.join(cuda_home, "lib", "libcudart.so*"))
+    if not os.path.exists(headers) or not runtime:
+        return (f"CUDA_HOME={cuda_home} lacks include/cuda_runtime.h or lib64/libcudart.so (set CUDA_HOME to the "
+                "toolkit's folder, e.g. /usr/local/cuda)")
     if not cuda_sources:
         return "no csrc/cuda/*.cu"
     return None

@@ -59,6 +59,8 @@ run_step() {  # run_step NAME LOG COMMAND...: times COMMAND, tees it into logs/L
 }
 
 build() {
+    # torch takes CUDA_HOME from the nvcc on PATH, which may be a wrapper script outside the toolkit
+    [ -z "${CUDA_HOME:-}" ] && [ -e /usr/local/cuda/include/cuda_runtime.h ] && export CUDA_HOME=/usr/local/cuda
     MAX_JOBS=16 LLMFAST_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps -e . &&
         python3 -c "import llmfast, llmfast_kernels, llmfast._C_cuda; print('backends:', llmfast.available_backends('add_rms_norm'))"
 }

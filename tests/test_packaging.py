@@ -1,6 +1,7 @@
 """The Triton kernels ship as llmfast_kernels: no top-level `kernels` is installed, and from the repo root the
 kernels/ folder never shadows a `kernels` package. The compiled extensions are optional at import."""
 import ast
+import glob
 import importlib
 import os
 import pathlib
@@ -90,7 +91,7 @@ def _setup_function(name):
     """A top-level function of setup.py, without running setup.py (which calls setup() on import)."""
     tree = ast.parse((ROOT / "setup.py").read_text())
     (node,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
-    namespace = {"os": os}
+    namespace = {"os": os, "glob": glob}
     exec(compile(ast.Module(body=[node], type_ignores=[]), "setup.py", "exec"), namespace)
     return namespace[name]
 
@@ -107,6 +108,13 @@ def test_the_cuda_extension_is_skipped_without_nvcc(tmp_path):
     nvcc.parent.mkdir()
     nvcc.write_text("#!/bin/sh\n")
     nvcc.chmod(0o755)
+    # torch's CUDA_HOME for an nvcc wrapper script in /usr/local/bin: /usr/local, where the link failed
+    assert "lacks include/cuda_runtime.h" in blocker("12.8", str(tmp_path), sources)
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert "lacks include/cuda_runtime.h or lib64/libcudart.so" in blocker("12.8", str(tmp_path), sources)
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcudart.so.13").write_text("")
     assert blocker("12.8", str(tmp_path), sources) is None
     assert blocker("12.8", str(tmp_path), []) == "no csrc/cuda/*.cu"
 
