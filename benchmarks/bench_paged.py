@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import llmfast
 from llmfast.backends import select
-from llmfast.ops.paged import paged_attention, write_kv_cache
+from llmfast.ops import paged_attention, write_kv_cache
 from . import common
 from .common import (
     COPY_TB_S,

@@ -65,7 +65,7 @@ def _write_kv_cache_kernel(
 
 def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """k, v: (tokens, kv_heads, head_dim) with unit head_dim stride; caches as in the module docstring;
-    slot_mapping: int64 (tokens,), validated by llmfast.ops.paged. Writes the caches in place."""
+    slot_mapping: int64 (tokens,), validated by llmfast.ops.kv_cache. Writes the caches in place."""
     tokens, kv_heads, head_dim = k.shape
     if tokens == 0:
         return

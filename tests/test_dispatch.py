@@ -142,7 +142,7 @@ def test_triton_ops_launch_on_their_tensors_device(op, monkeypatch):
         devices.append(device)
         yield
 
-    for name in ("attention", "norm", "paged", "quant_matmul"):
+    for name in ("attention", "kv_cache", "norm", "paged", "quant_matmul"):
         monkeypatch.setattr(importlib.import_module(f"llmfast.ops.{name}"), "on_device", spy)
     _sample_call(op)("triton")
     assert devices and set(devices) == {torch.device("cpu")}, devices

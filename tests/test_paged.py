@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from llmfast.ops.paged import paged_attention, write_kv_cache
+from llmfast.ops import paged_attention, write_kv_cache
 from helpers import BACKENDS, DEVICE, assert_close_2x, attention_ref, poison_allocations, require_backend
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -371,7 +371,7 @@ def test_ops_in_a_compiled_graph_check_the_index_values_when_they_run(backend, c
 def test_trusted_index_values_skip_the_compiled_graphs_checks(backend, monkeypatch):
     """Inside trusted_index_values a compiled graph's ops read no index value (the engine on a GPU, where each
     read is a host sync per layer); outside it, each op checks its values every time it runs."""
-    from llmfast.ops import paged, trusted_index_values
+    from llmfast.ops import kv_cache, paged, trusted_index_values
 
     device = _kernel_device(backend)
     require_backend(backend, "paged_attention", device)
@@ -386,8 +386,8 @@ def test_trusted_index_values_skip_the_compiled_graphs_checks(backend, monkeypat
             return check(*args)
         return record
 
-    for name in ("_check_slot_values", "_check_paged_index_values"):
-        monkeypatch.setattr(paged, name, spy(getattr(paged, name)))
+    for module, name in ((kv_cache, "_check_slot_values"), (paged, "_check_paged_index_values")):
+        monkeypatch.setattr(module, name, spy(getattr(module, name)))
 
     def step(write_args, paged_args):
         write_kv_cache(**write_args, backend=backend)

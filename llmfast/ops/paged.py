@@ -1,7 +1,7 @@
-"""Paged KV cache (vLLM layout): write new tokens' keys/values into blocks, and attend over them."""
+"""Paged attention (vLLM layout): each sequence's newest queries over its whole context in the KV cache."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -23,157 +23,7 @@ from llmfast.ops._checks import (
     values_readable,
 )
 from llmfast.ops.attention import MAX_HEAD_DIM, dense_attention_reference
-
-CACHE_LAYOUT = "(num_blocks, block_size, kv_heads, head_dim)"
-
-
-def _check_block_size(k_cache: torch.Tensor) -> None:
-    if k_cache.shape[1] == 0:
-        raise ValueError(f"k_cache: expected {CACHE_LAYOUT} with block_size >= 1, got shape {tuple(k_cache.shape)}")
-
-
-def write_kv_cache(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    *,
-    backend: str = "auto",
-) -> None:
-    """Stores token ``t``'s key and value at cache slot ``slot_mapping[t]``, in place.
-
-    ``k, v (tokens, kv_heads, head_dim)`` float16/bfloat16/float32; ``k_cache, v_cache
-    (num_blocks, block_size, kv_heads, head_dim)`` in the same dtype; ``slot_mapping`` int64 ``(tokens,)``
-    with slot = block * block_size + offset, or -1 to skip the token (e.g. padding).
-    """
-    _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping)
-    impl = select("write_kv_cache", backend, k.device)
-    impl(k, v, k_cache, v_cache, contiguous_index(slot_mapping))
-
-
-def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
-    check_tensor("k", k, ndim=3, dtypes=FLOAT_DTYPES)
-    check_tensor("v", v, device=k.device)
-    check_shape("v", v, tuple(k.shape), "(tokens, kv_heads, head_dim), the shape of k")
-    check_same_dtype("v", v, "k", k)
-    tokens, kv_heads, head_dim = k.shape
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, cache, device=k.device)
-        check_shape(name, cache, (None, None, kv_heads, head_dim), f"{CACHE_LAYOUT} matching k")
-        check_same_dtype(name, cache, "k", k)
-        # written in place: the reference's index_put refuses both, the kernels would write behind autograd
-        if cache.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name}: a KV cache written in place cannot require grad (detach it, or write "
-                             "under torch.no_grad())")
-        if not torch.compiler.is_compiling() and cache.is_inference() and not torch.is_inference_mode_enabled():
-            raise ValueError(f"{name}: an inference-mode tensor is written only inside torch.inference_mode()")
-    check_shape("v_cache", v_cache, tuple(k_cache.shape), f"{CACHE_LAYOUT}, the shape of k_cache")
-    _check_block_size(k_cache)
-    check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), device=k.device)
-    check_shape("slot_mapping", slot_mapping, (tokens,), "(tokens,), one slot per row of k")
-    if values_readable():
-        _check_slot_values(slot_mapping, k_cache)
-
-
-def _check_slot_values(slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> None:
-    """Every slot is -1 or inside the cache (one host read)."""
-    num_slots = k_cache.shape[0] * k_cache.shape[1]
-    if slot_mapping.numel() > 0:
-        lo, hi = torch.stack([slot_mapping.min(), slot_mapping.max()]).tolist()
-        if lo < -1 or hi >= num_slots:
-            raise ValueError(
-                f"slot_mapping: expected slots in [0, {num_slots}) (num_blocks * block_size) or -1, "
-                f"got values from {lo} to {hi}"
-            )
-
-
-def _cxx_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether the C++ kernels can address the caches: unit head_dim stride, both strided alike."""
-    return (k_cache.size(3) == 1 or k_cache.stride(3) == 1) and k_cache.stride() == v_cache.stride()
-
-
-# In a compiled graph the index values, which torch.compile could not read when it traced the caller, are read
-# by the ops when they run, if they may be then (not under CUDA-graph capture nor ``trusted_index_values``).
-# Unchecked, a block id or slot out of range makes a kernel read or write outside the cache: an illegal memory
-# access on the GPU, a crash of the Triton interpreter's process (the CPU C++ kernels' own checks raise a
-# RuntimeError that names no argument). Each op below is a custom op, one opaque node in a graph:
-# - the Triton ops take ``check_values``: true when the caller could not read the values;
-# - the C++ ops (csrc/cpu, csrc/cuda) are called directly when eager, without a Python custom op's dispatch
-#   per call (the public function has read the values, or may not); a traced call goes through
-#   ``llmfast::*_cxx`` instead, which reads them when the graph runs.
-
-
-@torch.library.custom_op(
-    "llmfast::write_kv_cache_triton", mutates_args=("k_cache", "v_cache"), device_types=("cuda", "cpu")
-)
-def _write_kv_cache_triton_op(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-    check_values: bool,
-) -> None:
-    from llmfast_kernels.paged import write_kv_cache as launch
-
-    if check_values and values_readable():
-        _check_slot_values(slot_mapping, k_cache)
-    with on_device(k.device):
-        launch(k, v, k_cache, v_cache, slot_mapping)
-
-
-@_write_kv_cache_triton_op.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping, check_values):
-    return None
-
-
-def _write_kv_cache_triton(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    _write_kv_cache_triton_op(k, v, k_cache, v_cache, slot_mapping, not values_readable())
-
-
-def _cxx_op(name: str, device: torch.device):
-    """``torch.ops.llmfast.<name>_cpu`` or ``_cuda``, for tensors on ``device``."""
-    return getattr(torch.ops.llmfast, f"{name}_{device.type}")
-
-
-@torch.library.custom_op(
-    "llmfast::write_kv_cache_cxx", mutates_args=("k_cache", "v_cache"), device_types=("cuda", "cpu")
-)
-def _write_kv_cache_cxx_op(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    if values_readable():
-        _check_slot_values(slot_mapping, k_cache)
-    _cxx_op("write_kv_cache", k.device)(k, v, k_cache, v_cache, slot_mapping)
-
-
-@_write_kv_cache_cxx_op.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping):
-    return None
-
-
-def _write_kv_cache_cxx(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """write_kv_cache through ``torch.ops.llmfast.write_kv_cache_{cpu,cuda}``."""
-    if not _cxx_cache_layout(k_cache, v_cache):
-        # the caches are written in place, so a layout the kernel cannot address goes the reference's way
-        write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
-        return
-    write = _write_kv_cache_cxx_op if torch.compiler.is_compiling() else _cxx_op("write_kv_cache", k.device)
-    write(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)  # contiguous_index'd by write_kv_cache
-
-
-def write_kv_cache_reference(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """The oracle (and the signature every write_kv_cache backend registers with)."""
-    block_size = k_cache.shape[1]
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    blocks, offsets = slots // block_size, slots % block_size
-    # index by (block, offset) rather than a flattened view, so non-contiguous caches are written in place
-    k_cache[blocks, offsets] = k[keep]
-    v_cache[blocks, offsets] = v[keep]
+from llmfast.ops.kv_cache import CACHE_LAYOUT, check_block_size, cxx_cache_layout, cxx_op
 
 
 def paged_attention(
@@ -235,7 +85,7 @@ def _check_paged_attention_inputs(
         check_shape(name, cache, (None, None, None, head_dim), f"{CACHE_LAYOUT} matching q's head_dim")
         check_same_dtype(name, cache, "q", q)
     check_shape("v_cache", v_cache, tuple(k_cache.shape), f"{CACHE_LAYOUT}, the shape of k_cache")
-    _check_block_size(k_cache)
+    check_block_size(k_cache)
     check_heads("q", q.shape[1], "k_cache", k_cache.shape[2])
     num_blocks, block_size = k_cache.shape[:2]
 
@@ -300,29 +150,54 @@ def _check_paged_index_values(q, k_cache, block_tables, context_lens, cu_seqlens
     return max_seqlen_q
 
 
-@torch.library.custom_op("llmfast::paged_attention_triton", mutates_args=(), device_types=("cuda", "cpu"))
-def _paged_attention_triton_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    cu_seqlens_q: Optional[torch.Tensor],
-    max_seqlen_q: Optional[int],
-    softmax_scale: float,
-    check_values: bool,
-) -> torch.Tensor:
+def _paged_attention_op(kernel: str, launch: Callable):
+    """The custom op ``llmfast::paged_attention_<kernel>``: checks the index values when asked to (see
+    llmfast/ops/kv_cache.py: why a compiled graph's ops read them), then launches."""
+
+    @torch.library.custom_op(f"llmfast::paged_attention_{kernel}", mutates_args=(), device_types=("cuda", "cpu"))
+    def op(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        cu_seqlens_q: Optional[torch.Tensor],
+        max_seqlen_q: Optional[int],
+        softmax_scale: float,
+        check_values: bool,
+    ) -> torch.Tensor:
+        if check_values and values_readable():
+            _check_paged_index_values(q, k_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q)
+        return launch(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale)
+
+    op.register_fake(lambda q, *args, **kwargs: q.new_empty(q.shape))  # contiguous, as the launchers allocate it
+    # without this, a backward through the kernels left q.grad None with only a warning from autograd's fallback
+    op.register_autograd(_no_backward)
+    return op
+
+
+def _no_backward(ctx, grad_out):
+    raise RuntimeError("paged_attention: the triton, cpu and cuda backends have no backward (an inference op); "
+                       "backend='reference' is differentiable")
+
+
+def _launch_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale):
     from llmfast_kernels.paged import paged_attention as launch
 
-    if check_values and values_readable():
-        _check_paged_index_values(q, k_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q)
     with on_device(q.device):
         return launch(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale)
 
 
-@_paged_attention_triton_op.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale, check_values):
-    return q.new_empty(q.shape)  # contiguous, as the launcher allocates it
+def _launch_cxx(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale):
+    op = cxx_op("paged_attention", q.device)
+    return op(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale)
+
+
+_paged_attention_triton_op = _paged_attention_op("triton", _launch_triton)
+_paged_attention_cxx_op = _paged_attention_op("cxx", _launch_cxx)
+for _device in ("cpu", "cuda"):  # the C++ ops themselves, called directly when eager
+    if _ext.has_op(f"paged_attention_{_device}"):
+        torch.library.register_autograd(f"llmfast::paged_attention_{_device}", _no_backward)
 
 
 def _paged_attention_triton(
@@ -342,53 +217,26 @@ def _paged_attention_triton(
     )
 
 
-@torch.library.custom_op("llmfast::paged_attention_cxx", mutates_args=(), device_types=("cuda", "cpu"))
-def _paged_attention_cxx_op(
+def _paged_attention_cxx(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
-    cu_seqlens_q: Optional[torch.Tensor],
-    max_seqlen_q: Optional[int],
+    *,
+    cu_seqlens_q: torch.Tensor | None,
+    max_seqlen_q: int | None,
     softmax_scale: float,
 ) -> torch.Tensor:
-    if values_readable():
-        _check_paged_index_values(q, k_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q)
-    op = _cxx_op("paged_attention", q.device)
-    return op(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale)
-
-
-@_paged_attention_cxx_op.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale):
-    return q.new_empty(q.shape)  # contiguous, as the C++ ops allocate it
-
-
-def _paged_attention_cxx(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                         context_lens: torch.Tensor, *, cu_seqlens_q: torch.Tensor | None, max_seqlen_q: int | None,
-                         softmax_scale: float) -> torch.Tensor:
     """paged_attention through ``torch.ops.llmfast.paged_attention_{cpu,cuda}``, which take contiguous inputs
     and caches strided alike with a unit head_dim stride."""
-    if not _cxx_cache_layout(k_cache, v_cache):
+    if not cxx_cache_layout(k_cache, v_cache):
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     # the index tensors arrive contiguous (paged_attention's contiguous_index)
-    args = (q.contiguous(), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
+    args = (q.contiguous(), k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, softmax_scale)
     if torch.compiler.is_compiling():
-        return _paged_attention_cxx_op(*args, max_seqlen_q, softmax_scale)
-    return _cxx_op("paged_attention", q.device)(*args, softmax_scale)
-
-
-def _no_backward(ctx, grad_out):
-    raise RuntimeError("paged_attention: the triton, cpu and cuda backends have no backward (an inference op); "
-                       "backend='reference' is differentiable")
-
-
-# without this, a backward through the C++ ops left q.grad None with only a warning from autograd's fallback
-_paged_attention_triton_op.register_autograd(_no_backward)
-_paged_attention_cxx_op.register_autograd(_no_backward)
-for _device in ("cpu", "cuda"):
-    if _ext.has_op(f"paged_attention_{_device}"):
-        torch.library.register_autograd(f"llmfast::paged_attention_{_device}", _no_backward)
+        return _paged_attention_cxx_op(*args, True)
+    return _launch_cxx(*args)
 
 
 def paged_attention_reference(
@@ -421,15 +269,11 @@ def paged_attention_reference(
     return torch.cat(outs) if outs else torch.zeros_like(q)
 
 
-# "auto" follows this order: triton first on CUDA, because its kernel runs the scores and P @ V on tensor
-# cores for a whole GQA group or prefill tile, while the CUDA C++ kernel uses fp32 FMAs (fine for decode,
-# slower for chunked prefill); then cuda; then the C++ CPU kernels (csrc/cpu/paged.cpp), which "auto" takes
-# on CPU tensors (it skips the Triton interpreter there); the reference last.
-for _op, _triton, _cxx, _reference in (
-    ("write_kv_cache", _write_kv_cache_triton, _write_kv_cache_cxx, write_kv_cache_reference),
-    ("paged_attention", _paged_attention_triton, _paged_attention_cxx, paged_attention_reference),
-):
-    register(_op, "triton")(_triton)
-    for _device in ("cuda", "cpu"):
-        register(_op, _device, needs=f"{_op}_{_device}")(_cxx)
-    register(_op, "reference")(_reference)
+# "auto" follows this order (write_kv_cache's too): triton first on CUDA, because its kernel runs the scores and
+# P @ V on tensor cores for a whole GQA group or prefill tile, while the CUDA C++ kernel uses fp32 FMAs (fine
+# for decode, slower for chunked prefill); then cuda; then the C++ CPU kernels (csrc/cpu/paged.cpp), which
+# "auto" takes on CPU tensors (it skips the Triton interpreter there); the reference last.
+register("paged_attention", "triton")(_paged_attention_triton)
+for _device in ("cuda", "cpu"):
+    register("paged_attention", _device, needs=f"paged_attention_{_device}")(_paged_attention_cxx)
+register("paged_attention", "reference")(paged_attention_reference)
