@@ -2,8 +2,10 @@
 eager fallback) against the eager engine.
 
 On CPU the replay logic runs with a stand-in for capture: each "graph" re-runs the captured forward on the
-static buffers with the raw backend kernels, as a real replay would. The `gpu` tests capture real graphs.
+static buffers, as a real replay would, with the ops' value checks off as under capture and any host read of
+a tensor's values failing the test, as it would end a real capture. The `gpu` tests capture real graphs.
 """
+import contextlib
 import copy
 
 import pytest
@@ -11,7 +13,9 @@ import torch
 
 from llmfast.engine import LLM, SamplingParams
 from llmfast.engine import cuda_graphs
-from llmfast.engine.cuda_graphs import DecodeGraphs, capture_sizes, graph_safe_kernels
+from llmfast.engine.cuda_graphs import DecodeGraphs, capture_sizes, check_graph_safe
+from llmfast.ops import trusted_index_values
+from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,14 +85,43 @@ def test_capture_sizes_cap_at_512():
 def test_a_backend_that_syncs_cannot_be_captured():
     # on CPU "auto" picks the C++ kernels, which are not graph-safe: the error says how to run anyway
     with pytest.raises(RuntimeError, match="enforce_eager=True"):
-        graph_safe_kernels(torch.device("cpu"))
+        check_graph_safe(torch.device("cpu"))
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on what syncs a CUDA stream with the host, which a capture forbids: reading a value (``item``,
+    ``bool``, ``tolist``) or indexing with a boolean mask (its result's size is a value)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        mask_index = func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default) or mask_index:
+            raise AssertionError(f"{func} reads values back to the host, which would end a CUDA graph's capture")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def as_if_capturing(monkeypatch):
+    """Inside: no host reads, and the ops see ``values_readable()`` false, as while a CUDA stream captures."""
+
+    def tolist(self):
+        raise AssertionError("tolist reads values back to the host, which would end a CUDA graph's capture")
+
+    with monkeypatch.context() as patch, trusted_index_values(), _NoHostReads():
+        patch.setattr(torch.Tensor, "tolist", tolist)
+        yield
 
 
 class _ReplayByRerun:
     """Stands in for a captured graph on CPU: replaying re-runs the captured forward on the static buffers."""
 
-    def __init__(self, graphs, batch, kernels):
-        self.replay = lambda: graphs._forward(batch, kernels)
+    def __init__(self, graphs, batch, monkeypatch):
+        def replay():
+            with as_if_capturing(monkeypatch):
+                graphs._forward(batch)
+
+        replay()  # the capture
+        self.replay = replay
 
     def pool(self):
         return None
@@ -97,8 +130,7 @@ class _ReplayByRerun:
 @pytest.fixture
 def rerun_graphs(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "GRAPH_SAFE_BACKENDS", ("cpu",))
-    monkeypatch.setattr(DecodeGraphs, "_capture",
-                        lambda self, batch, kernels, pool: _ReplayByRerun(self, batch, kernels))
+    monkeypatch.setattr(DecodeGraphs, "_capture", lambda self, batch, pool: _ReplayByRerun(self, batch, monkeypatch))
 
 
 def generate_with_rerun_graphs(folder, prompts, params, max_blocks_per_seq):

@@ -2,9 +2,8 @@
 replayed for any batch up to the largest, padded to the next captured size (nano-vllm's scheme).
 
 A captured step reads its inputs from static buffers the runner fills before each replay. Capture cannot
-host-sync, so inside it the paged-KV ops skip the public ops' validation (which reads values back) and call
-the selected backend's implementation directly; the eager warm-up before each capture runs the public ops on
-the same buffers, validating the layout once.
+host-sync, so while a stream captures the ops check dtypes and shapes only (``values_readable`` is false):
+the eager warm-up before each capture runs the same ops on the same buffers, validating their values once.
 """
 from __future__ import annotations
 
@@ -13,9 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from llmfast.backends import resolve, select
+from llmfast.backends import resolve
 from llmfast.models.layers import KVCache
-from llmfast.models.metadata import AttentionMetadata, PagedKernels
+from llmfast.models.metadata import AttentionMetadata
 
 MAX_GRAPH_BATCH = 512  # larger decode batches run eagerly: their launch overhead is small next to the math
 GRAPH_SAFE_BACKENDS = ("triton", "cuda")  # the reference backends call .tolist(), which capture forbids
@@ -29,9 +28,8 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes if sizes[-1] == cap else sizes + [cap]
 
 
-def graph_safe_kernels(device: torch.device) -> PagedKernels:
-    """The implementations ``write_kv_cache`` and ``paged_attention`` select on ``device``, if they never sync."""
-    impls = []
+def check_graph_safe(device: torch.device) -> None:
+    """Raises unless ``write_kv_cache`` and ``paged_attention`` select, on ``device``, backends that never sync."""
     for op in ("write_kv_cache", "paged_attention"):
         backend = resolve(op, "auto", device)
         if backend not in GRAPH_SAFE_BACKENDS:
@@ -40,8 +38,6 @@ def graph_safe_kernels(device: torch.device) -> PagedKernels:
                 "one selected here (it syncs with the host); pass enforce_eager=True (the CLI's --enforce-eager) "
                 "to run without CUDA graphs"
             )
-        impls.append(select(op, backend, device))
-    return PagedKernels(*impls)
 
 
 class DecodeGraphs:
@@ -69,7 +65,8 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0
         try:
-            self._capture_all(graph_safe_kernels(device))
+            check_graph_safe(device)
+            self._capture_all()
         except Exception as e:
             raise RuntimeError(f"capturing the decode step in CUDA graphs failed ({type(e).__name__}: {e}); "
                                "pass enforce_eager=True (the CLI's --enforce-eager) to run every step eagerly") from e
@@ -78,31 +75,30 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.batch_sizes[-1]
 
-    def _meta(self, batch: int, kernels: PagedKernels | None) -> AttentionMetadata:
+    def _meta(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
             context_lens=self.context_lens[:batch],
             max_context_len=self.max_model_len,  # a bound for every replay; only sliding-window checks read it
-            kernels=kernels,
         )
 
-    def _forward(self, batch: int, kernels: PagedKernels | None) -> None:
-        self.hidden[:batch] = self.model(self.input_ids[:batch], self.positions[:batch],
-                                         self._meta(batch, kernels), self.kv_caches)
+    def _forward(self, batch: int) -> None:
+        self.hidden[:batch] = self.model(self.input_ids[:batch], self.positions[:batch], self._meta(batch),
+                                         self.kv_caches)
 
     @torch.inference_mode()
-    def _capture_all(self, kernels: PagedKernels) -> None:
+    def _capture_all(self) -> None:
         pool = None
         # largest first: the shared pool grows to the biggest step once, and the smaller ones reuse it
         for batch in reversed(self.batch_sizes):
-            self._forward(batch, None)  # warm-up: public ops validate the buffers; kernels compile and tune
-            self.graphs[batch] = self._capture(batch, kernels, pool)
+            self._forward(batch)  # warm-up: the ops validate the buffers' values; kernels compile and tune
+            self.graphs[batch] = self._capture(batch, pool)
             pool = self.graphs[batch].pool() if pool is None else pool
 
-    def _capture(self, batch: int, kernels: PagedKernels, pool) -> torch.cuda.CUDAGraph:
+    def _capture(self, batch: int, pool) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            self._forward(batch, kernels)
+            self._forward(batch)
         return graph
 
     def fits(self, batch: int, max_blocks: int) -> bool:

@@ -45,12 +45,6 @@ def attend(
     ``q (tokens, heads, head_dim)``, ``k, v (tokens, kv_heads, head_dim)`` of the new tokens. With a
     ``kv_cache`` the new keys and values are stored first, then (paged modes) read back with the context.
     """
-    if meta.kernels is not None:  # a captured decode step: the inputs were validated before capture
-        meta.kernels.write_kv_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        return meta.kernels.paged_attention(
-            q, kv_cache[0], kv_cache[1], meta.block_tables, meta.context_lens, cu_seqlens_q=None,
-            max_seqlen_q=None, softmax_scale=q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale,
-        )
     if kv_cache is not None:
         write_kv_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
     if meta.is_paged:

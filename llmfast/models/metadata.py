@@ -2,17 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import torch
-
-
-class PagedKernels(NamedTuple):
-    """Backend implementations of the paged-KV ops (``llmfast.backends.select``), called without the public
-    ops' validation: for CUDA graph capture, which forbids the host syncs that validation makes."""
-
-    write_kv_cache: Callable[..., None]
-    paged_attention: Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -34,8 +26,7 @@ class AttentionMetadata:
     this call; ``slot_mapping`` int64 ``(tokens,)``, slot = block * block_size + offset (-1 skips a token);
     ``block_tables`` int32 ``(num_seqs, max_blocks)``; ``context_lens`` int32 ``(num_seqs,)``, the new
     tokens included; ``max_context_len`` the longest context, when the caller knows it (only read by models
-    with a sliding window, which otherwise compute it with a device sync); ``kernels``: when set, decode
-    calls these implementations directly, trusting that the inputs were validated before (CUDA graphs).
+    with a sliding window, which otherwise compute it with a device sync).
     """
 
     cu_seqlens_q: torch.Tensor | None = None
@@ -44,7 +35,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     max_context_len: int | None = None
-    kernels: PagedKernels | None = None
 
     @classmethod
     def prefill(
