@@ -99,7 +99,7 @@ def _check_slot_values(slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> Non
             )
 
 
-def _write_op(kernel: str, launch: Callable):
+def _write_kv_cache_op(kernel: str, launch: Callable):
     """The custom op ``llmfast::write_kv_cache_<kernel>``: checks the slots when asked to, then launches."""
 
     @torch.library.custom_op(
@@ -128,8 +128,8 @@ def _launch_cxx(k, v, k_cache, v_cache, slot_mapping) -> None:
     cxx_op("write_kv_cache", k.device)(k, v, k_cache, v_cache, slot_mapping)
 
 
-_write_kv_cache_triton_op = _write_op("triton", _launch_triton)
-_write_kv_cache_cxx_op = _write_op("cxx", _launch_cxx)
+_write_kv_cache_triton_op = _write_kv_cache_op("triton", _launch_triton)
+_write_kv_cache_cxx_op = _write_kv_cache_op("cxx", _launch_cxx)
 
 
 def _write_kv_cache_triton(
