@@ -20,8 +20,8 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# engine_setup is both imported by the engine tests (constants, helpers) and their fixtures' plugin
-pytest.register_assert_rewrite("engine_setup")
+# engine_setup and server_setup are both imported by their tests (constants, helpers) and their fixtures' plugins
+pytest.register_assert_rewrite("engine_setup", "server_setup")
 
 # The Triton interpreter must be switched on before any @triton.jit function is defined, so this
 # runs before the test modules (and through them the kernels) are imported.

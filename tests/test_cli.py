@@ -1,6 +1,6 @@
 """The `llmfast` command: `generate` (whole and streamed) prints what ``LLM.generate`` makes, `demo` runs on
 its embedded model, `bench` reaches every benchmark, and bad arguments end with exit status 2 and a message.
-(`eval ppl` is tested in test_eval.py, `serve` in test_server.py.)"""
+(`eval ppl` is tested in test_eval.py, `serve` in test_server*.py.)"""
 import os
 import shutil
 import subprocess

@@ -1,5 +1,5 @@
-"""write_kv_cache and paged_attention: every backend against explicit loops and per-sequence float64 SDPA."""
-import math
+"""paged_attention: every backend against per-sequence float64 SDPA (decode and chunked prefill, block sizes,
+GQA/MQA groups, strided caches and index tensors), its refused inputs, and the gpu-marked benchmark shapes."""
 import random
 
 import pytest
@@ -7,60 +7,17 @@ import torch
 
 from llmfast.ops import paged_attention, write_kv_cache
 from helpers import BACKENDS, DEVICE, assert_close_2x, attention_ref, poison_allocations, require_backend
+from paged_cases import (BLOCK_SIZES, DTYPES, _chunked_args, _int32, _paged_args, _paged_cache, _paged_ref, _randn,
+                         _write_args)
 
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-BLOCK_SIZES = [1, 8, 16, 32]
 # (head_dim, (heads, kv_heads)): GQA ratios 1, 2, 4, 8
 SHAPES = [(80, (4, 4)), (64, (4, 2)), (128, (8, 2)), (256, (8, 1))]
 SLACK_ULPS = {torch.float16: 1.0, torch.bfloat16: 1.0, torch.float32: 16.0}
 
 
-def _randn(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype, device=DEVICE)
-
-
 def _context_lens(block_size):
     """Lengths around the block edges, and one long context spanning many blocks."""
     return [1, max(block_size - 1, 1), block_size, block_size + 1, 133]
-
-
-def _paged_cache(contexts, block_size, kv_heads, head_dim, dtype):
-    """Per-sequence keys/values stored in shuffled blocks of NaN-poisoned caches.
-
-    Returns ``(k_seqs, v_seqs, k_cache, v_cache, block_tables)``. Slots past each context, spare blocks and
-    the padding entries of ``block_tables`` (which point at a spare block) all hold NaN, so any read of
-    them shows up in the output.
-    """
-    blocks_per_seq = [math.ceil(n / block_size) for n in contexts]
-    num_blocks = sum(blocks_per_seq) + 2
-    block_ids = torch.randperm(num_blocks).tolist()
-    spare = block_ids.pop()
-    max_blocks = max(blocks_per_seq) + 1
-    block_tables = torch.full((len(contexts), max_blocks), spare, dtype=torch.int32)
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    k_seqs, v_seqs = [], []
-    for i, n in enumerate(contexts):
-        k_seqs.append(_randn(n, kv_heads, head_dim, dtype=dtype))
-        v_seqs.append(_randn(n, kv_heads, head_dim, dtype=dtype))
-        for j in range(blocks_per_seq[i]):
-            block = block_ids.pop()
-            block_tables[i, j] = block
-            tokens = slice(j * block_size, min((j + 1) * block_size, n))
-            used = tokens.stop - tokens.start
-            k_cache[block, :used] = k_seqs[i][tokens]
-            v_cache[block, :used] = v_seqs[i][tokens]
-    return k_seqs, v_seqs, k_cache, v_cache, block_tables.to(DEVICE)
-
-
-def _paged_ref(q_seqs, k_seqs, v_seqs, *, upcast):
-    """Each sequence's queries attend causally (bottom-right) over its whole contiguous context."""
-    outs = [
-        attention_ref(q[None], k[None], v[None], causal=True, upcast=upcast)[0]
-        for q, k, v in zip(q_seqs, k_seqs, v_seqs)
-    ]
-    return torch.cat(outs)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -190,76 +147,6 @@ def test_paged_attention_softmax_scale_and_empty_context(backend):
         assert_close_2x(out[i : i + 1], peer, ref, slack_ulps=16.0)
 
 
-@pytest.mark.parametrize("head_major", [False, True], ids=["slot_major", "head_major"])
-@pytest.mark.parametrize("kv_heads", [1, 2, 8])
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_write_kv_cache(backend, dtype, block_size, kv_heads, head_major):
-    _check_write_kv_cache(backend, dtype, block_size, kv_heads, 64, head_major)
-
-
-@pytest.mark.parametrize("head_dim, kv_heads", [(80, 3), (128, 8), (256, 2)])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_write_kv_cache_head_dims(backend, head_dim, kv_heads):
-    _check_write_kv_cache(backend, torch.bfloat16, 16, kv_heads, head_dim, head_major=False)
-
-
-def _check_write_kv_cache(backend, dtype, block_size, kv_heads, head_dim, head_major):
-    require_backend(backend, "write_kv_cache")
-    num_blocks, tokens = 64 // block_size + 3, 37
-    k, v = _randn(tokens, kv_heads, head_dim, dtype=dtype), _randn(tokens, kv_heads, head_dim, dtype=dtype)
-    slots = torch.randperm(num_blocks * block_size)[:tokens]
-    slots[::5] = -1  # padding tokens: skipped
-    slot_mapping = slots.to(DEVICE)
-    if head_major:  # a strided view of the layout, written in place through its strides
-        shape = (num_blocks, kv_heads, block_size, head_dim)
-        k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
-        v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
-    else:
-        k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
-        v_cache = torch.full_like(k_cache, float("nan"))
-    k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    for t, slot in enumerate(slots.tolist()):
-        if slot != -1:
-            k_expected[slot // block_size, slot % block_size] = k[t]
-            v_expected[slot // block_size, slot % block_size] = v[t]
-
-    assert write_kv_cache(k, v, k_cache, v_cache, slot_mapping, backend=backend) is None
-    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0, equal_nan=True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_write_then_attend(backend):
-    """The engine's path: write the new tokens with write_kv_cache, then decode over the cache."""
-    require_backend(backend, "write_kv_cache")
-    require_backend(backend, "paged_attention")
-    block_size, contexts = 16, [5, 40]
-    k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache([4, 39], block_size, 2, 64, torch.float32)
-    new_k, new_v = _randn(2, 2, 64), _randn(2, 2, 64)
-    slots = [int(block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
-             for i, n in enumerate(contexts)]
-    write_kv_cache(new_k, new_v, k_cache, v_cache, torch.tensor(slots, device=DEVICE), backend=backend)
-    q = _randn(2, 4, 64)
-    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
-    with poison_allocations():
-        out = paged_attention(q, k_cache, v_cache, block_tables, context_lens, backend=backend)
-    k_seqs = [torch.cat([k_seqs[i], new_k[i : i + 1]]) for i in range(2)]
-    v_seqs = [torch.cat([v_seqs[i], new_v[i : i + 1]]) for i in range(2)]
-    q_seqs = [q[i : i + 1] for i in range(2)]
-    ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
-    assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), ref, slack_ulps=16.0)
-
-
-def _write_args(**changes):
-    args = dict(
-        k=_randn(5, 2, 32), v=_randn(5, 2, 32), k_cache=_randn(4, 8, 2, 32), v_cache=_randn(4, 8, 2, 32),
-        slot_mapping=torch.tensor([0, 3, -1, 31, 8]),
-    )
-    return {**args, **changes}
-
-
 def _strided(index: torch.Tensor, junk: torch.Tensor) -> torch.Tensor:
     """``index`` as a view with stride 2 whose skipped elements hold ``junk`` (other valid values), so a
     kernel that reads the storage with unit stride gets a wrong, not an out-of-range, index."""
@@ -304,104 +191,6 @@ def test_backward_through_paged_attention(backend):
             out.sum().backward()
 
 
-def _int32(*values):
-    return torch.tensor(values, dtype=torch.int32)
-
-
-DIRECT_CPU_CALLS = [  # torch.ops.llmfast.* called directly: out-of-range indices read or wrote anywhere
-    (lambda L, kc: L.write_kv_cache_cpu(torch.randn(1, 2, 8), torch.randn(1, 2, 8), kc, kc.clone(),
-                                        torch.tensor([10**9])), r"slot_mapping\[0\] = 1000000000 is outside"),
-    (lambda L, kc: L.paged_attention_cpu(torch.randn(1, 2, 8), kc, kc, _int32([10**8]), _int32(4), None, 1.0),
-     r"block_tables\[0, 0\] = 100000000 is outside"),
-    (lambda L, kc: L.paged_attention_cpu(torch.randn(1, 2, 8), kc, kc, _int32([0]), _int32(10**8), None, 1.0),
-     r"context_lens\[0\] = 100000000 is outside"),
-    (lambda L, kc: L.paged_attention_cpu(torch.randn(1, 2, 8), torch.zeros(2, 4, 0, 8), torch.zeros(2, 4, 0, 8),
-                                         _int32([0]), _int32(1), None, 1.0), "kv_heads must be positive"),
-    (lambda L, kc: L.paged_attention_cpu(torch.randn(1, 2, 8), kc, kc, torch.zeros(9, 1, dtype=torch.int32),
-                                         torch.full((9,), 4, dtype=torch.int32), None, 1.0), "one query row per"),
-    (lambda L, kc: L.paged_attention_cpu(torch.randn(1, 2, 8), kc, kc, _int32([0]), _int32(4), _int32(0, 10**7),
-                                         1.0), "cu_seqlens_q must run from 0"),
-]
-
-
-@pytest.mark.parametrize("call, match", DIRECT_CPU_CALLS)
-def test_cpu_ops_called_directly_check_their_indices(call, match):
-    """The C++ ops check what the Python wrappers check (a direct call, or a compiled graph whose values
-    Python could not read, crashed the process: segfault, or SIGFPE for zero kv heads)."""
-    require_backend("cpu", "paged_attention", torch.device("cpu"))
-    with pytest.raises(RuntimeError, match=match):
-        call(torch.ops.llmfast, torch.zeros(2, 4, 2, 8))
-
-
-COMPILED_BAD_INDICES = [  # (call, the ValueError's message): values a compiled graph could not read when traced
-    (lambda b, q, kc, bt, cl, cu, slots: write_kv_cache(q[:, :2], q[:, :2], kc, kc.clone(), slots, backend=b),
-     r"slot_mapping: expected slots in \[0, 64\)"),
-    (lambda b, q, kc, bt, cl, cu, slots: paged_attention(q, kc, kc, bt, cl, backend=b),
-     r"block_tables: expected block ids in \[0, 8\)"),
-    (lambda b, q, kc, bt, cl, cu, slots: paged_attention(q, kc, kc, bt * 0, cl + 4, backend=b),
-     r"context_lens: expected lengths in \[0, 8\]"),
-    (lambda b, q, kc, bt, cl, cu, slots: paged_attention(q, kc, kc, bt * 0, cl, cu_seqlens_q=cu, max_seqlen_q=1,
-                                                         backend=b),
-     "cu_seqlens_q: expected to end at the number of tokens 1"),
-]
-KERNEL_BACKENDS = ["triton", "cuda", "cpu"]  # what a compiled graph calls as opaque custom ops
-
-
-def _kernel_device(backend):
-    return torch.device("cpu") if backend == "cpu" else DEVICE
-
-
-@pytest.mark.parametrize("call, match", COMPILED_BAD_INDICES)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_ops_in_a_compiled_graph_check_the_index_values_when_they_run(backend, call, match):
-    """torch.compile traces the ops without their values; the compiled graph's ops read them when they run.
-    Unchecked, a block id of 10**6 made the Triton interpreter's process segfault (on a GPU, the Triton and
-    CUDA kernels make an illegal access), and the CPU kernels' own checks raised a RuntimeError."""
-    device = _kernel_device(backend)
-    require_backend(backend, "paged_attention", device)
-    q, kc = torch.randn(1, 4, 8, device=device), torch.randn(8, 8, 2, 8, device=device)
-    bt, cl = _int32([10**6]).view(1, 1).to(device), _int32(5).to(device)
-    cu, slots = _int32(0, 2).to(device), torch.tensor([10**6], device=device)
-    compiled = torch.compile(call, fullgraph=True, backend="eager")
-    with pytest.raises(ValueError, match=match):
-        compiled(backend, q, kc, bt, cl, cu, slots)
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_trusted_index_values_skip_the_compiled_graphs_checks(backend, monkeypatch):
-    """Inside trusted_index_values a compiled graph's ops read no index value (the engine on a GPU, where each
-    read is a host sync per layer); outside it, each op checks its values every time it runs."""
-    from llmfast.ops import kv_cache, paged, trusted_index_values
-
-    device = _kernel_device(backend)
-    require_backend(backend, "paged_attention", device)
-    write_args = {name: t.to(device) for name, t in _write_args().items()}
-    paged_args = {name: t.to(device) if torch.is_tensor(t) else t for name, t in _chunked_args(max_seqlen_q=4).items()}
-    expected = paged_attention(**paged_args, backend="reference")
-    checked = []
-
-    def spy(check):
-        def record(*args):
-            checked.append(check.__name__)
-            return check(*args)
-        return record
-
-    for module, name in ((kv_cache, "_check_slot_values"), (paged, "_check_paged_index_values")):
-        monkeypatch.setattr(module, name, spy(getattr(module, name)))
-
-    def step(write_args, paged_args):
-        write_kv_cache(**write_args, backend=backend)
-        return paged_attention(**paged_args, backend=backend)
-
-    compiled = torch.compile(step, fullgraph=True, backend="eager")
-    with trusted_index_values():
-        out = compiled(write_args, paged_args)
-    assert checked == []
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    compiled(write_args, paged_args)
-    assert checked == ["_check_slot_values", "_check_paged_index_values"]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mqa_caches_whose_head_dim_strides_differ(backend):
     """kv_heads = 1: the size-1 head dim's stride can differ between k_cache and v_cache (it is never
@@ -413,66 +202,6 @@ def test_mqa_caches_whose_head_dim_strides_differ(backend):
     expected = paged_attention(q, k_cache, v_cache, tables, lens, backend="reference")
     torch.testing.assert_close(paged_attention(q, k_cache, v_cache, tables, lens, backend=backend), expected,
                                atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_caches_that_cannot_be_written_in_place_are_refused(backend):
-    """A cache that requires grad, or an inference tensor outside inference mode: the reference's in-place
-    write raised torch's RuntimeError while the kernels wrote silently; now every backend names the cache."""
-    require_backend(backend, "write_kv_cache")
-    args = {name: t.to(DEVICE) for name, t in _write_args().items()}
-    with pytest.raises(ValueError, match="k_cache: a KV cache written in place cannot require grad"):
-        write_kv_cache(**dict(args, k_cache=args["k_cache"].clone().requires_grad_()), backend=backend)
-    with torch.inference_mode():
-        v_cache = args["v_cache"].clone()
-    with pytest.raises(ValueError, match="v_cache: an inference-mode tensor is written only inside"):
-        write_kv_cache(**dict(args, v_cache=v_cache), backend=backend)
-    with torch.inference_mode():
-        write_kv_cache(**dict(args, v_cache=v_cache), backend=backend)  # inside it, as the engine writes
-
-
-BAD_WRITES = [
-    (lambda: _write_args(k=_randn(5, 64)), ValueError, "k: expected 3 dims"),
-    (lambda: _write_args(k=_randn(5, 2, 32).long()), TypeError, "k: expected dtype"),
-    (lambda: _write_args(v=_randn(5, 2, 16)), ValueError, "v: expected shape"),
-    (lambda: _write_args(v=_randn(5, 2, 32, dtype=torch.float16)), TypeError, "v: expected dtype"),
-    (lambda: _write_args(k_cache=_randn(4, 8, 2, 16)), ValueError, "k_cache: expected shape"),
-    (lambda: _write_args(k_cache=_randn(4, 8, 32)), ValueError, "k_cache: expected shape"),
-    (lambda: _write_args(v_cache=_randn(4, 8, 2, 32, dtype=torch.bfloat16)), TypeError, "v_cache: expected dtype"),
-    (lambda: _write_args(v_cache=_randn(5, 8, 2, 32)), ValueError, "v_cache: expected shape"),
-    (lambda: _write_args(k_cache=_randn(4, 8, 2, 32).to("meta")), ValueError, "k_cache: expected a tensor on"),
-    (lambda: _write_args(slot_mapping=torch.tensor([0, 3, -1, 31, 8], dtype=torch.int32)), TypeError,
-     "slot_mapping: expected dtype"),
-    (lambda: _write_args(slot_mapping=torch.tensor([0, 3, 31, 8])), ValueError, "slot_mapping: expected shape"),
-    (lambda: _write_args(slot_mapping=torch.tensor([0, 3, -1, 32, 8])), ValueError, "slot_mapping: expected slots"),
-    (lambda: _write_args(slot_mapping=torch.tensor([0, 3, -2, 31, 8])), ValueError, "slot_mapping: expected slots"),
-    (lambda: _write_args(k_cache=_randn(4, 0, 2, 32), v_cache=_randn(4, 0, 2, 32),
-                         slot_mapping=torch.full((5,), -1)), ValueError, "k_cache: .*block_size >= 1"),
-]
-
-
-@pytest.mark.parametrize("make_args, error, match", BAD_WRITES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_write_kv_cache_bad_inputs(backend, make_args, error, match):
-    require_backend(backend, "write_kv_cache", torch.device("cpu"))
-    args = make_args()
-    with pytest.raises(error, match=match):
-        write_kv_cache(**args, backend=backend)
-
-
-def _paged_args(**changes):
-    """Two sequences of 20 and 9 tokens in a cache of 6 blocks of 8; row 1's padding entry is -1."""
-    args = dict(
-        q=_randn(2, 4, 32), k_cache=_randn(6, 8, 2, 32), v_cache=_randn(6, 8, 2, 32),
-        block_tables=torch.tensor([[0, 3, 5], [2, 1, -1]], dtype=torch.int32),
-        context_lens=torch.tensor([20, 9], dtype=torch.int32),
-    )
-    return {**args, **changes}
-
-
-def _chunked_args(**changes):
-    args = dict(q=_randn(7, 4, 32), cu_seqlens_q=torch.tensor([0, 4, 7], dtype=torch.int32))
-    return _paged_args(**{**args, **changes})
 
 
 BAD_PAGED = [
@@ -631,56 +360,3 @@ def test_gpu_paged_attention_groups_larger_than_a_program(backend, dtype, group,
                               backend=backend)
     ref = _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True)
     assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), ref)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_write_kv_cache(backend, dtype):
-    """A decode step's worth of writes (256 tokens, 8 kv heads, head_dim 128) into a 4096-block cache."""
-    require_backend(backend, "write_kv_cache", torch.device("cuda"))
-    num_blocks, block_size = 4096, 16
-    k, v = _randn(256, 8, 128, dtype=dtype), _randn(256, 8, 128, dtype=dtype)
-    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:256]
-    slots[::7] = -1
-    k_cache = torch.full((num_blocks, block_size, 8, 128), float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full_like(k_cache, float("nan"))
-    k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    write_kv_cache(k, v, k_expected, v_expected, slots, backend="reference")
-    write_kv_cache(k, v, k_cache, v_cache, slots, backend=backend)
-    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0, equal_nan=True)
-
-
-def test_no_value_is_read_while_a_cuda_graph_is_captured(monkeypatch):
-    """A host read ends a CUDA graph capture: the checks read only shapes and dtypes then (as traced)."""
-    from llmfast.ops._checks import values_readable
-
-    assert values_readable()
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert not values_readable()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_public_paged_ops_can_be_captured_in_a_cuda_graph(backend):
-    require_backend(backend, "paged_attention", torch.device("cuda"))
-    args = {name: t.cuda() for name, t in _paged_args().items()}
-    k, v = torch.randn(2, 2, 32, device="cuda"), torch.randn(2, 2, 32, device="cuda")
-    slots = torch.tensor([43, 8], device="cuda")  # the last token of each sequence: (block 5, 3), (block 1, 0)
-
-    def step():
-        write_kv_cache(k, v, args["k_cache"], args["v_cache"], slots, backend=backend)
-        return paged_attention(**args, backend=backend)
-
-    expected = step()  # eager: validated, compiled, tuned
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    k.normal_(), v.normal_()
-    graph.replay()
-    torch.testing.assert_close(out, step(), atol=1e-5, rtol=1e-5)  # the replay read the new k, v
-    assert not torch.equal(out, expected)
