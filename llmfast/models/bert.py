@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmfast.models.base import HFModel
 from llmfast.models.layers import activation, attend, check_embedding_indices, check_forward_inputs
 from llmfast.models.metadata import AttentionMetadata
 from llmfast.nn import FusedAddLayerNorm
@@ -110,18 +111,15 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
 
 
-class BertModel(nn.Module):
+class BertModel(HFModel):
     """The BERT encoder on flattened sequences: ``forward`` -> last hidden states ``(tokens, hidden)``."""
 
+    config_class = BertConfig
+
     def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
-
-    @classmethod
-    def from_hf_config(cls, hf: dict) -> BertModel:
-        return cls(BertConfig.from_hf(hf))
 
     def forward(
         self,

@@ -6,12 +6,12 @@ into ``nn.Linear``'s ``(out, in)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from llmfast.models.layers import KVCache, activation, attend, check_embedding_indices, check_forward_inputs
+from llmfast.models.base import CausalLM
+from llmfast.models.layers import KVCache, activation, attend
 from llmfast.models.metadata import AttentionMetadata
 from llmfast.nn import FusedAddLayerNorm
 
@@ -120,38 +120,18 @@ class GPT2Model(nn.Module):
         return self.ln_f(x, residual)[0]
 
 
-class GPT2LMHeadModel(nn.Module):
-    """GPT-2 on flattened tokens: ``forward`` -> hidden states, ``compute_logits`` -> logits."""
+class GPT2LMHeadModel(CausalLM):
+    """GPT-2 on flattened tokens: ``forward`` -> hidden states, ``compute_logits`` -> logits; ``positions``
+    must be below ``max_position_embeddings`` (the learned table's length)."""
+
+    config_class = GPT2Config
+    base_model_prefix = "transformer"
+    learned_positions = True
 
     def __init__(self, cfg: GPT2Config):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.transformer = GPT2Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-
-    @classmethod
-    def from_hf_config(cls, hf: dict) -> GPT2LMHeadModel:
-        return cls(GPT2Config.from_hf(hf))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_caches: Sequence[KVCache] | None = None,
-    ) -> torch.Tensor:
-        """As ``LlamaForCausalLM.forward``: flattened ``input_ids, positions (tokens,)`` -> ``(tokens, hidden)``;
-        ``positions`` must be below ``max_position_embeddings`` (the learned table's length)."""
-        check_forward_inputs(input_ids, positions, meta, kv_caches, self.config.num_layers)
-        check_embedding_indices(input_ids=(input_ids, self.config.vocab_size),
-                                positions=(positions, self.config.max_position_embeddings))
-        return self.transformer(input_ids, positions, meta, kv_caches)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden (..., hidden)`` -> ``logits (..., vocab)``."""
-        return self.lm_head(hidden)
+        self.add_lm_head(self.transformer.wte)
 
     def load_hf_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         """A checkpoint tensor as (parameter name, value), or None for one this model does not use."""

@@ -6,12 +6,12 @@ query and key head before RoPE, Mistral may have a sliding window. Parameter nam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from llmfast.models.layers import KVCache, activation, attend, check_embedding_indices, check_forward_inputs
+from llmfast.models.base import CausalLM
+from llmfast.models.layers import KVCache, activation, attend
 from llmfast.models.metadata import AttentionMetadata
 from llmfast.models.rope import RopeConfig, RotaryEmbedding, apply_rotary
 from llmfast.nn import FusedAddRMSNorm, RMSNorm
@@ -155,38 +155,16 @@ class LlamaModel(nn.Module):
         return self.norm(x, residual)[0]
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """A Llama-family decoder on flattened tokens: ``forward`` -> hidden states, ``compute_logits`` -> logits."""
 
+    config_class = LlamaConfig
+    base_model_prefix = "model"
+
     def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @classmethod
-    def from_hf_config(cls, hf: dict) -> LlamaForCausalLM:
-        return cls(LlamaConfig.from_hf(hf))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_caches: Sequence[KVCache] | None = None,
-    ) -> torch.Tensor:
-        """``input_ids, positions (tokens,)`` int64 of flattened sequences laid out as ``meta`` says;
-        ``kv_caches``: per layer ``(k_cache, v_cache)``, each ``(num_blocks, block_size, kv_heads, head_dim)``
-        (needed by the paged modes). Returns the final hidden states ``(tokens, hidden)``."""
-        check_forward_inputs(input_ids, positions, meta, kv_caches, self.config.num_layers, self.config.sliding_window)
-        check_embedding_indices(input_ids=(input_ids, self.config.vocab_size))
-        return self.model(input_ids, positions, meta, kv_caches)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden (..., hidden)`` -> ``logits (..., vocab)`` (select the tokens to sample first)."""
-        return self.lm_head(hidden)
+        self.add_lm_head(self.model.embed_tokens)
 
     def load_hf_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         """A checkpoint tensor as (parameter name, value), or None for one this model does not use."""
