@@ -10,12 +10,13 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from llmfast import backends
 from llmfast.engine import LLM, SamplingParams
 from llmfast.engine import cuda_graphs
 from llmfast.engine.cuda_graphs import DecodeGraphs, capture_sizes, check_graph_safe
 from llmfast.ops import trusted_index_values
-from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,28 +89,50 @@ def test_a_backend_that_syncs_cannot_be_captured():
         check_graph_safe(torch.device("cpu"))
 
 
+HOST_READ = "reads values back to the host, which would end a CUDA graph's capture"
+
+
 class _NoHostReads(TorchDispatchMode):
-    """Fails on what syncs a CUDA stream with the host, which a capture forbids: reading a value (``item``,
-    ``bool``, ``tolist``) or indexing with a boolean mask (its result's size is a value)."""
+    """Fails on the ops that sync a CUDA stream with the host, which a capture forbids: reading a value
+    (``item``, ``bool``, ``int``: under inference mode the mode sees ``item``/``is_nonzero`` themselves) or
+    producing a shape that depends on values (boolean-mask indexing, ``nonzero``, ``unique``...)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         aten = torch.ops.aten
-        mask_index = func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
-        if func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default) or mask_index:
-            raise AssertionError(f"{func} reads values back to the host, which would end a CUDA graph's capture")
+        reads = func in (aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default) or any(
+            tag in func.tags for tag in (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape))
+        indexing = func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
+                            aten._index_put_impl_.default)
+        if reads or (indexing and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])):
+            raise AssertionError(f"{func} {HOST_READ}")
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
 def as_if_capturing(monkeypatch):
-    """Inside: no host reads, and the ops see ``values_readable()`` false, as while a CUDA stream captures."""
+    """Inside: no host reads, and the ops see ``values_readable()`` false, as while a CUDA stream captures.
+    The Python-level methods are patched too, because a custom op's body runs with dispatch modes off."""
 
-    def tolist(self):
-        raise AssertionError("tolist reads values back to the host, which would end a CUDA graph's capture")
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name} {HOST_READ}")
+        return method
 
     with monkeypatch.context() as patch, trusted_index_values(), _NoHostReads():
-        patch.setattr(torch.Tensor, "tolist", tolist)
+        for name in ("tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"):
+            patch.setattr(torch.Tensor, name, refuse(name))
         yield
+
+
+@pytest.mark.parametrize("read", [
+    lambda t: int(t[0]), lambda t: bool(t[0]), lambda t: float(t[0]), lambda t: t[0].item(), lambda t: t.tolist(),
+    lambda t: t[t > 1], lambda t: t.nonzero(), lambda t: t.unique(), lambda t: t.cpu(),
+], ids=["int", "bool", "float", "item", "tolist", "mask", "nonzero", "unique", "cpu"])
+def test_the_capture_stand_in_refuses_every_host_read(read, monkeypatch):
+    t = torch.arange(4)
+    with torch.inference_mode(), pytest.raises(AssertionError, match="CUDA graph's capture"):
+        with as_if_capturing(monkeypatch):
+            read(t)
 
 
 class _ReplayByRerun:
@@ -127,9 +150,16 @@ class _ReplayByRerun:
         return None
 
 
-@pytest.fixture
-def rerun_graphs(monkeypatch):
-    monkeypatch.setattr(cuda_graphs, "GRAPH_SAFE_BACKENDS", ("cpu",))
+@pytest.fixture(params=["cpu"])
+def rerun_graphs(request, monkeypatch):
+    """Graphs replayed by re-running, with the paged ops on ``request.param``'s backend ("cpu": the C++ ops,
+    which stand in for the CUDA ones; "triton": its wrappers and launchers, under the interpreter)."""
+    if request.param == "cpu":
+        monkeypatch.setattr(cuda_graphs, "GRAPH_SAFE_BACKENDS", ("cpu",))
+    else:
+        auto = backends._auto
+        monkeypatch.setattr(backends, "_auto", lambda op, device: request.param if op in (
+            "write_kv_cache", "paged_attention") else auto(op, device))
     monkeypatch.setattr(DecodeGraphs, "_capture", lambda self, batch, pool: _ReplayByRerun(self, batch, monkeypatch))
 
 
@@ -146,6 +176,7 @@ def generate_with_rerun_graphs(folder, prompts, params, max_blocks_per_seq):
     return expected, [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], replayed
 
 
+@pytest.mark.parametrize("rerun_graphs", ["cpu", "triton"], indirect=True)
 def test_replay_with_padding_matches_eager(tmp_path, rerun_graphs):
     tiny_llama(tmp_path)
     prompts, params = mixed_requests(11, 384, max_tokens=12)

@@ -4,7 +4,7 @@ text it accepts."""
 import pytest
 
 from llmfast.engine import SamplingParams
-from server_setup import MAX_LEN, MODEL
+from server_setup import MAX_LEN, MODEL, wait_idle
 
 pytest_plugins = ("server_setup",)  # its fixtures: checkpoint, llm, server, client
 openai = pytest.importorskip("openai")
@@ -108,3 +108,9 @@ def test_errors_do_not_echo_huge_inputs_and_name_a_wrong_content_type(server):
                           headers={"content-type": "text/plain"}, timeout=30)
     assert response.status_code == 400
     assert "application/json, got 'text/plain'" in response.json()["error"]["message"], response.text
+
+
+def test_refused_requests_leave_nothing_running_and_every_block_free(server):
+    """Last in this module, after every refused request above: none of them left a sequence or a block behind."""
+    state = wait_idle(server)
+    assert state["num_kv_blocks"] > 0, state

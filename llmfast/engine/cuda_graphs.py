@@ -3,7 +3,7 @@ replayed for any batch up to the largest, padded to the next captured size (nano
 
 A captured step reads its inputs from static buffers the runner fills before each replay. Capture cannot
 host-sync, so while a stream captures the ops check dtypes and shapes only (``values_readable`` is false):
-the eager warm-up before each capture runs the same ops on the same buffers, validating their values once.
+the eager warm-up before each capture runs the same ops on the same buffers, validating their values.
 """
 from __future__ import annotations
 

@@ -22,10 +22,11 @@ CACHE_LAYOUT = "(num_blocks, block_size, kv_heads, head_dim)"
 # by the ops when they run, if they may be then (not under CUDA-graph capture nor ``trusted_index_values``).
 # Unchecked, a block id or slot out of range makes a kernel read or write outside the cache: an illegal memory
 # access on the GPU, a crash of the Triton interpreter's process (the CPU C++ kernels' own checks raise a
-# RuntimeError that names no argument). So each paged kernel runs inside a custom op of ours, one opaque node
-# in a graph, that takes ``check_values``: true when its caller could not read the values. The C++ kernels
-# (csrc/cpu, csrc/cuda) are called directly when eager, without a Python custom op's dispatch per call: the
-# public function has read the values then, or may not.
+# RuntimeError that names no argument). So in a graph each paged kernel runs inside a custom op of ours, one
+# opaque node, that takes ``check_values``: true when its caller could not read the values. The Triton kernels
+# always run inside theirs (``llmfast::*_triton``). The C++ kernels (csrc/cpu, csrc/cuda) do only in a traced
+# call, through ``llmfast::*_cxx``, which is why the callers below pass it true; eager calls reach them
+# directly, without a Python custom op's dispatch per call (the public function has read the values, or may not).
 
 
 def check_block_size(k_cache: torch.Tensor) -> None:
