@@ -156,3 +156,7 @@ def configure_triton_autotune() -> None:
 
 
 configure_triton_autotune()
+if _triton_interpreting():
+    from llmfast import triton_interpreter
+
+    triton_interpreter.squeeze_before_index()
