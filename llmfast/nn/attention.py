@@ -153,7 +153,7 @@ class MultiheadAttention(torch.nn.Module):
     def _fused_causal_right_padded(self, q, k, v, lengths_k) -> torch.Tensor:
         """Causal self-attention over right-padded keys: a query at a real position ``i < len`` sees keys
         ``0..i``; a query at a padded position sees every real key (torch's mask is their intersection)."""
-        batch, seqlen = q.shape[0], q.shape[1]
+        seqlen = q.shape[1]
         keep = torch.arange(seqlen, device=q.device) < lengths_k[:, None]  # (batch, S)
         lengths = lengths_k.tolist()
         out = torch.empty_like(q)

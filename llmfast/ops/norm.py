@@ -10,7 +10,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from llmfast import _ext
 from llmfast.backends import register, select
