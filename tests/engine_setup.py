@@ -88,4 +88,4 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llama(checkpoints):
     folder, hf = checkpoints("llama")
-    return LLM(folder, block_size=4, num_kv_blocks=256), hf
+    return LLM(folder, device="cpu", block_size=4, num_kv_blocks=256), hf

@@ -35,7 +35,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint)
+    return LLM(checkpoint, device="cpu")
 
 
 def _wait_until_serving(proc, log) -> str:
@@ -55,7 +55,8 @@ def server(checkpoint, tmp_path_factory):
     """The server's base URL; it is shut down after the module's tests, whatever happened."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, "-m", "llmfast", "serve", "--model", str(checkpoint), "--host", "127.0.0.1",
-               "--port", "0", "--served-model-name", MODEL]  # port 0: uvicorn's startup line names the port
+               "--port", "0", "--served-model-name", MODEL,  # port 0: uvicorn's startup line names the port
+               "--device", "cpu"]  # as the `llm` fixture it is compared with (on a GPU machine too)
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -157,7 +157,8 @@ def test_serve_names_the_model_by_its_model_argument(checkpoint, monkeypatch):
 
 def test_a_forced_cpu_backend_keeps_auto_for_ops_without_one(checkpoint, capsys, monkeypatch):
     """attention has no C++ CPU kernel: LLMFAST_BACKEND=cpu forces the ops that have one."""
-    greedy = ["generate", "--model", str(checkpoint), "--prompt", "a", "--temperature", "0", "--max-tokens", "4"]
+    greedy = ["generate", "--model", str(checkpoint), "--prompt", "a", "--temperature", "0", "--max-tokens", "4",
+              "--device", "cpu"]  # the forced cpu backend runs on CPU tensors only (auto is cuda on a GPU machine)
     assert cli.main(greedy) == 0
     expected = capsys.readouterr().out
     monkeypatch.setenv("LLMFAST_BACKEND", "cpu" if "cpu" in available_backends("add_rms_norm") else "reference")

@@ -33,7 +33,7 @@ SCENARIOS = {  # engine arguments, prompts
 def test_greedy_matches_hf(checkpoints, family, scenario):
     folder, hf = checkpoints(family)
     engine_args, prompt_args = SCENARIOS[scenario]
-    llm = LLM(folder, **engine_args)
+    llm = LLM(folder, device="cpu", **engine_args)
     prompts = random_prompts(vocab=llm.vocab_size, **prompt_args)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
@@ -55,7 +55,7 @@ def test_no_sampling_params_takes_the_generation_config_defaults(checkpoints, tm
     config = {"eos_token_id": tokenizer.eos_token_id, "temperature": 0.0, "repetition_penalty": 1.5,
               "max_new_tokens": 7, "do_sample": False}
     (tmp_path / "model" / "generation_config.json").write_text(json.dumps(config))
-    llm = LLM(tmp_path / "model", num_kv_blocks=64)
+    llm = LLM(tmp_path / "model", device="cpu", num_kv_blocks=64)
     defaults = llm.get_default_sampling_params()
     assert (defaults.temperature, defaults.repetition_penalty, defaults.max_tokens) == (0.0, 1.5, 7)
     prompt = random_prompts([6], llm.vocab_size, seed=13)[0]
@@ -79,7 +79,7 @@ def test_beam_search_with_eos_length_penalty_and_ignore_eos(llama, tmp_path, che
     folder = tmp_path / "eos"
     shutil.copytree(checkpoints("llama")[0], folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": greedy[1]}))
-    eos_llm = LLM(folder, num_kv_blocks=128)
+    eos_llm = LLM(folder, device="cpu", num_kv_blocks=128)
     for penalty in (0.0, 1.0, 2.0):
         beams = eos_llm.beam_search([prompt], BeamSearchParams(beam_width=4, max_tokens=6,
                                                                length_penalty=penalty))[0].sequences
@@ -97,7 +97,7 @@ def test_beams_that_reach_the_maximum_length_finish_with_length(checkpoints, tmp
     shutil.copytree(checkpoints("llama")[0], folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
-    llm = LLM(folder, block_size=4, num_kv_blocks=32)
+    llm = LLM(folder, device="cpu", block_size=4, num_kv_blocks=32)
     assert llm.max_model_len == 16
     prompt = random_prompts([14], llm.vocab_size, seed=16)[0]
     beams = llm.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=5, ignore_eos=True))[0].sequences
@@ -257,7 +257,7 @@ def test_seeded_requests_and_n_do_not_depend_on_the_batch(llama):
 
 def test_token_prompts_need_no_tokenizer(checkpoints):
     folder, hf = checkpoints("gpt2")  # saved without tokenizer files
-    llm = LLM(folder, num_kv_blocks=32)
+    llm = LLM(folder, device="cpu", num_kv_blocks=32)
     out = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0]
     assert out.text == "" and out.token_ids == hf_greedy(hf, [1, 2, 3])[0]
     with pytest.raises(ValueError, match="tokenizer"):
@@ -306,7 +306,7 @@ def test_engine_arguments_are_checked(checkpoints):
     for missing in (folder / "missing", str(folder / "config.json"), 3):
         with pytest.raises(FileNotFoundError, match="model: expected a local checkpoint folder"):
             LLM(missing)
-    llm = LLM(folder)  # CPU default: sized for max_num_seqs full-length sequences, at most 4 GiB
+    llm = LLM(folder, device="cpu")  # CPU default: sized for max_num_seqs full-length sequences, at most 4 GiB
     assert llm.runner.kv_cache.numel() * llm.runner.kv_cache.element_size() <= 4 << 30
     assert llm.max_model_len == MAX_LEN
 
@@ -319,7 +319,7 @@ def test_a_sliding_window_bounds_the_sequence(tmp_path, tokenizer):
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
     hf.save_pretrained(tmp_path)
-    llm = LLM(tmp_path, num_kv_blocks=16)
+    llm = LLM(tmp_path, device="cpu", num_kv_blocks=16)
     prompt = random_prompts([5], llm.vocab_size, seed=11)[0]
     out = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == hf_greedy(hf, prompt, 3)[0] and out.finish_reason == "length"
@@ -333,12 +333,12 @@ def test_engine_seed_request_ids_and_dtype(checkpoints):
     folder, _ = checkpoints("llama")
     prompts = random_prompts([4, 6], 400, seed=14)
     sampled = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
-    engines = [LLM(folder, num_kv_blocks=32, seed=seed) for seed in (1, 1, 2)]
+    engines = [LLM(folder, device="cpu", num_kv_blocks=32, seed=seed) for seed in (1, 1, 2)]
     runs = [[out.outputs[0].token_ids for out in llm.generate(prompts, sampled, use_tqdm=False)] for llm in engines]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     ids = [out.request_id for _ in range(2) for out in engines[0].generate(prompts, sampled, use_tqdm=False)]
     assert all(isinstance(i, str) for i in ids) and len(set(ids)) == 4
-    bf16 = LLM(folder, num_kv_blocks=32, dtype="bfloat16")
+    bf16 = LLM(folder, device="cpu", num_kv_blocks=32, dtype="bfloat16")
     assert bf16.runner.model.lm_head.weight.dtype == bf16.runner.kv_cache.dtype == torch.bfloat16
     assert len(bf16.generate(prompts, sampled, use_tqdm=False)[1].outputs[0].token_ids) == 8
 
@@ -350,8 +350,8 @@ def test_quantized_engine_stays_close_to_float(checkpoints, quantization, tolera
     folder, _ = checkpoints("qwen2")
     prompts = random_prompts([9, 20], 400, seed=10)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
-    reference = LLM(folder, num_kv_blocks=32).generate(prompts, params, use_tqdm=False)
-    llm = LLM(folder, quantization=quantization, num_kv_blocks=32)
+    reference = LLM(folder, device="cpu", num_kv_blocks=32).generate(prompts, params, use_tqdm=False)
+    llm = LLM(folder, device="cpu", quantization=quantization, num_kv_blocks=32)
     assert any(isinstance(m, QuantLinear) for m in llm.runner.model.modules())
     for ref, out in zip(reference, llm.generate(prompts, params, use_tqdm=False)):
         ref, out = ref.outputs[0], out.outputs[0]
@@ -362,7 +362,7 @@ def test_quantized_engine_stays_close_to_float(checkpoints, quantization, tolera
 
 def test_a_failed_step_leaves_no_uncomputed_block_in_the_prefix_cache(checkpoints, monkeypatch):
     folder, hf = checkpoints("llama")
-    llm = LLM(folder, block_size=4, num_kv_blocks=256)  # its own: the NaN fill would poison a shared prefix cache
+    llm = LLM(folder, device="cpu", block_size=4, num_kv_blocks=256)  # its own: the NaN fill would poison a shared prefix cache
     prompts = random_prompts([3, 6], llm.vocab_size, seed=12, prefix=range(40, 60))
     llm.runner.kv_cache.fill_(float("nan"))  # a block read before it is written poisons the output
     real_run = llm.runner.run
@@ -439,7 +439,7 @@ def test_trusted_index_values_read_nothing_back_and_keep_the_tokens(checkpoints,
     preemption and decode, and the greedy tokens stay HF's. (The CPU's prefill runs the reference
     attention, which reads cu_seqlens to loop over the sequences; a GPU runs the Triton kernel.)"""
     folder, hf = checkpoints("llama")
-    llm = LLM(folder, block_size=4, num_kv_blocks=24, max_num_batched_tokens=7)
+    llm = LLM(folder, device="cpu", block_size=4, num_kv_blocks=24, max_num_batched_tokens=7)
     llm.runner.check_index_values = False  # as on CUDA
     reads, trusted = [], []
     for method in ("tolist", "item", "__int__", "__bool__"):

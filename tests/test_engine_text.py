@@ -38,7 +38,7 @@ def test_stop_token_ids_and_eos_end_a_request(llama, tmp_path, checkpoints):
     folder = tmp_path / "eos"
     shutil.copytree(checkpoints("llama")[0], folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}))
-    eos_llm = LLM(folder, num_kv_blocks=64)
+    eos_llm = LLM(folder, device="cpu", num_kv_blocks=64)
     out = eos_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == full.token_ids[:cut + 1] and out.finish_reason == "stop" and out.stop_reason is None
     assert eos_llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == full.token_ids
@@ -72,7 +72,7 @@ def repeating(tmp_path_factory, tokenizer):
             hf.transformer.ln_f.bias.copy_(hf.transformer.wte.weight[token] * 50)
         hf.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        return LLM(folder, num_kv_blocks=16)
+        return LLM(folder, device="cpu", num_kv_blocks=16)
 
     return build
 

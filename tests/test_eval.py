@@ -97,7 +97,7 @@ def test_perplexity_matches_hf(checkpoint, stride, max_length):
     token_ids = tokens_of(folder)
     assert token_ids[0] == 1 and len(token_ids) == 1 + len(TEXT.split())
     expected = hf_perplexity(hf, token_ids, stride, max_length)
-    assert perplexity(folder, TEXT, stride, max_length) == pytest.approx(expected, rel=1e-4)
+    assert perplexity(folder, TEXT, stride, max_length, device="cpu") == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("num_tokens,stride,max_length", [(89, 8, 16), (10, 3, 4), (5, 1, 2), (2, 7, 7), (89, 16, 16)])
@@ -113,10 +113,10 @@ def test_windows_score_each_token_once(num_tokens, stride, max_length):
 
 def test_packing_windows_into_several_forwards_changes_nothing(checkpoint, monkeypatch):
     folder, _ = checkpoint
-    one_forward = perplexity(folder, TEXT, 4, 16)
+    one_forward = perplexity(folder, TEXT, 4, 16, device="cpu")
     monkeypatch.setattr(llmfast_eval, "TOKENS_PER_FORWARD", 20)
     monkeypatch.setattr(llmfast_eval, "LOGIT_ROWS", 3)
-    assert perplexity(folder, TEXT, 4, 16) == pytest.approx(one_forward, rel=1e-6)
+    assert perplexity(folder, TEXT, 4, 16, device="cpu") == pytest.approx(one_forward, rel=1e-6)
 
 
 @pytest.mark.parametrize("stride,max_length,message", [
@@ -167,7 +167,8 @@ def test_cli_reports_bad_arguments(checkpoint, tmp_path, capsys):
 
 def test_defaults_are_the_whole_model_length_and_half_of_it(checkpoint):
     folder, hf = checkpoint  # max_position_embeddings / n_positions 32
-    assert perplexity(folder, TEXT) == pytest.approx(hf_perplexity(hf, tokens_of(folder), 16, 32), rel=1e-4)
+    assert perplexity(folder, TEXT, device="cpu") == pytest.approx(hf_perplexity(hf, tokens_of(folder), 16, 32),
+                                                     rel=1e-4)
 
 
 @pytest.mark.parametrize("checkpoint", ["llama"], indirect=True)
@@ -176,14 +177,15 @@ def test_a_last_window_of_one_token_scores_nothing(checkpoint):
     text = " ".join(TEXT.split()[:32])  # [BOS] + 32 words: windows of 32, then one of the last token alone
     token_ids = tokens_of(folder, text)
     assert len(token_ids) == 33
-    assert perplexity(folder, text, 32, 32) == pytest.approx(hf_perplexity(hf, token_ids, 32, 32), rel=1e-4)
+    assert perplexity(folder, text, 32, 32, device="cpu") == pytest.approx(hf_perplexity(hf, token_ids, 32, 32),
+                                                              rel=1e-4)
 
 
 def test_a_sliding_window_bounds_the_default_window(tmp_path):
     hf = save_checkpoint(tmp_path, **dict(FAMILIES["llama"], model_type="mistral", max_position_embeddings=64,
                                           sliding_window=20))
     expected = hf_perplexity(hf, tokens_of(tmp_path), 10, 20)
-    assert perplexity(tmp_path, TEXT) == pytest.approx(expected, rel=1e-4)
+    assert perplexity(tmp_path, TEXT, device="cpu") == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="max_length: the model reads at most 20"):
         perplexity(tmp_path, TEXT, 10, 21)
 

@@ -109,7 +109,8 @@ def test_triton_prefill_past_the_grid_limit_is_refused_and_splits_stay_under_it(
     require_backend("triton", "paged_attention")
     from llmfast_kernels import paged as kernels
 
-    args = _chunked_args()  # 4 and 3 query tokens; 4 query heads over 2 kv heads
+    # 4 and 3 query tokens; 4 query heads over 2 kv heads (the index tensors moved to q's device)
+    args = {name: t.to(DEVICE) if torch.is_tensor(t) else t for name, t in _chunked_args().items()}
     monkeypatch.setattr(kernels, "PREFILL_ROWS", {"cuda": 2, "cpu": 2})  # one token a tile at group 2
     monkeypatch.setattr(kernels, "MAX_GRID_Z", 3)
     with pytest.raises(ValueError, match="max_seqlen_q: the Triton kernel takes at most 3 query tokens"):
@@ -245,11 +246,17 @@ BAD_PAGED = [
 ]
 
 
+def _on_cpu(args):
+    """The bad-input cases run on CPU tensors: _randn makes its tensors on DEVICE (a GPU where there is one),
+    the index tensors are CPU ones, and a device mismatch would be refused before the case's own error."""
+    return {name: t.cpu() if torch.is_tensor(t) and t.device.type == "cuda" else t for name, t in args.items()}
+
+
 @pytest.mark.parametrize("make_args, error, match", BAD_PAGED)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_paged_attention_bad_inputs(backend, make_args, error, match):
     require_backend(backend, "paged_attention", torch.device("cpu"))
-    args = make_args()
+    args = _on_cpu(make_args())
     with pytest.raises(error, match=match):
         paged_attention(**args, backend=backend)
 

@@ -111,7 +111,9 @@ BAD_WRITES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_write_kv_cache_bad_inputs(backend, make_args, error, match):
     require_backend(backend, "write_kv_cache", torch.device("cpu"))
-    args = make_args()
+    # on CPU tensors: _randn makes them on DEVICE (a GPU where there is one) and slot_mapping on the CPU, and a
+    # device mismatch would be refused before the case's own error
+    args = {name: t.cpu() if torch.is_tensor(t) and t.device.type == "cuda" else t for name, t in make_args().items()}
     with pytest.raises(error, match=match):
         write_kv_cache(**args, backend=backend)
 

@@ -25,6 +25,7 @@ def test_api_tour_backend_list_is_what_a_cpu_machine_prints():
     line = next(line for line in README.splitlines() if line.startswith('llmfast.available_backends("add_rms_norm")'))
     printed = line.split("#")[1].split(" on a CPU machine")[0].strip()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # what a CPU machine prints, also where this runs on a GPU machine
     code = "import llmfast; print(llmfast.available_backends('add_rms_norm'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.stdout.strip() == printed, result.stderr[-2000:]

@@ -151,7 +151,7 @@ def test_each_vllm_extra_field_changes_the_output(server, llm, checkpoint, tmp_p
     folder = tmp_path / "eos"
     shutil.copytree(checkpoint, folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": first}))
-    with TestClient(build_app(LLM(folder), MODEL)) as http:
+    with TestClient(build_app(LLM(folder, device="cpu"), MODEL)) as http:
         assert complete(http, ignore_eos=False)["finish_reason"] == "stop"
         ignored = complete(http)
         assert (ignored["finish_reason"], ignored["tokens"], ignored["text"]) == ("length", 6, greedy.text)
