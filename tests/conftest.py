@@ -10,6 +10,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Every checkpoint the tests load is local. huggingface_hub reads this once, when first imported, which
 # the first test module to import transformers would do: so here, before any.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests check results, not speed: each Triton autotuner tries one config of each kind (kernels/tuning.py), as
+# gpu_check.sh's test steps ask. With the whole list, every new shape on a GPU compiled ~20 configs per kernel.
+# Read by llmfast at import, so set before any test module imports it; the CPU interpreter has one config anyway.
+os.environ.setdefault("LLMFAST_AUTOTUNE", "first")
 # A fresh compile cache each session: torch's on-disk caches do not notice an edited custom op's Python
 # backward, and replayed a compiled backward that called it with its old arguments.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
