@@ -1,8 +1,11 @@
 """Paged decode attention (GQA 32/8, head_dim 128, bf16, blocks of 16) against SDPA on a contiguous cache,
-plus write_kv_cache, measured in the same run. GPU only.
+plus write_kv_cache, measured in the same run.
 
     python -m benchmarks.bench_paged            # the issue's grid -> results/{gpu}_paged.json, .png
     python -m benchmarks.bench_paged --quick    # two small cases, results to a temporary folder (or --out-dir)
+
+Without a GPU (or with --device cpu) it runs bench_paged_cpu instead: the C++ CPU kernels against SDPA on
+the CPU -> results/cpu_paged.json, .png.
 
 Bytes counted, the same for every implementation (so TB/s ratios are ms ratios), 2 B each:
     decode          K + V read: 2 * batch * context * kv_heads * head_dim (q and o are < 0.1% of it)
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 import llmfast
 from llmfast.backends import select
 from llmfast.ops import paged_attention, write_kv_cache
-from . import common
+from . import bench_paged_cpu, common
 from .common import (
     COPY_TB_S,
     bench_ms,
@@ -151,13 +154,16 @@ def run_write(tokens: int, runnable: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_paged", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"cases {QUICK_CASES}: a smoke run")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="only cuda runs this benchmark")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU; cpu runs "
+                        "bench_paged_cpu")
     parser.add_argument("--out-dir", type=Path, help="where JSON + PNG go (default benchmarks/results/; "
                         "--quick: a temporary folder)")
     args = parser.parse_args(argv)
-    if args.device != "cuda" or not torch.cuda.is_available():
-        print("bench_paged: needs a CUDA GPU (it compares GPU kernels with SDPA on the GPU); nothing was run")
-        return 2
+    if (args.device or common.default_device().type) == "cpu":
+        return bench_paged_cpu.main([*(["--quick"] if args.quick else []),
+                                     *(["--out-dir", str(args.out_dir)] if args.out_dir else [])])
+    if not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
     runnable = [b for b in llmfast.available_backends("paged_attention") if b in OUR_BACKENDS]
     if not runnable:
         print(f"bench_paged: neither the triton nor the cuda backend runs here "
