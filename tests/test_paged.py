@@ -51,6 +51,28 @@ def test_paged_attention(backend, dtype, chunked, block_size, shape):
     assert_close_2x(out, peer, ref, slack_ulps=SLACK_ULPS[dtype])
 
 
+@pytest.mark.parametrize("num_seqs", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_of_fewer_sequences_than_threads(backend, dtype, num_seqs):
+    """The C++ CPU kernel splits each sequence by kv head when a decode batch has fewer sequences than threads
+    (4 here, whatever the machine): each part must write its own heads."""
+    require_backend(backend, "paged_attention")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        contexts = [133, 40, 17][:num_seqs]
+        k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, 16, 4, 64, dtype)
+        q_seqs = [_randn(1, 8, 64, dtype=dtype) for _ in contexts]
+        with poison_allocations():
+            out = paged_attention(torch.cat(q_seqs), k_cache, v_cache, block_tables,
+                                  torch.tensor(contexts, dtype=torch.int32, device=DEVICE), backend=backend)
+    finally:
+        torch.set_num_threads(threads)
+    assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True),
+                    slack_ulps=SLACK_ULPS[dtype])
+
+
 @pytest.mark.parametrize("head_major", [False, True], ids=["slot_major", "head_major"])
 @pytest.mark.parametrize("block_size", [64, 256])
 @pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked_prefill"])

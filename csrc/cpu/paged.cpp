@@ -5,8 +5,9 @@
 //   weighted values are register-blocked multiply-adds over 4 rows (GCC vector types) and the exps are
 //   vectorised: with one scalar dot and one std::exp per score it ran 4-5.6x slower than SDPA with a
 //   causal mask on the same contiguous K/V (benchmarks/bench_paged_cpu.py), now 0.7-1.0x.
-// - Decode (one query token): one task per sequence, two passes over its slots: scores of every head,
-//   then one softmax and one weighted sum of the values. fp32 caches are read in place. This took a
+// - Decode (one query token): one task per sequence (per range of its kv heads when there are fewer
+//   sequences than threads), two passes over its slots: scores of every head, then one softmax and one
+//   weighted sum of the values. fp32 caches are read in place. This took a
 //   32-sequence decode step (contexts ~200, GQA 8/4, head_dim 64) from 4.5 ms to 1.1 ms on one core
 //   (a one-off timing, warm caches).
 // The kernels are compiled for AVX-512, AVX2 + FMA and the baseline, picked at load time (target_clones),
@@ -279,21 +280,23 @@ inline const float* fp32_row(const scalar_t* src, float* scratch, int64_t n) {
   }
 }
 
-// Decode: the one query token of ``seq`` (query row ``seq``, its last position) for every head. One
-// task reads the sequence's slots whole (all kv heads, contiguous) block by block. ``scratch`` holds
-// (heads, context) scores and the (heads, D) query rows and accumulators.
+// Decode: the one query token of ``seq`` (query row ``seq``, its last position) for the query heads of kv
+// heads [kv_begin, kv_end). A task given every kv head reads the sequence's slots whole (contiguous) block by
+// block; fewer sequences than threads split by kv head instead, so one long sequence still uses every core.
+// ``scratch`` holds the heads' (heads, context) scores and (heads, D) query rows and accumulators.
 template <typename scalar_t>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void attend_decode(
     const PagedArgs& a, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, scalar_t* o,
-    int64_t seq, std::vector<float>& scratch) {
-  const int64_t D = a.head_dim, H = a.heads, group = a.heads / a.kv_heads, bs = a.block_size;
+    int64_t seq, int64_t kv_begin, int64_t kv_end, std::vector<float>& scratch) {
+  const int64_t D = a.head_dim, group = a.heads / a.kv_heads, bs = a.block_size;
+  const int64_t H = (kv_end - kv_begin) * group, first_head = kv_begin * group;  // this task's heads
   const int64_t context = a.context_lens[seq];
   scratch.resize(H * context + 2 * H * D + D);
   float* scores = scratch.data();       // (H, context)
   float* q_rows = scores + H * context;  // (H, D), pre-scaled
   float* acc = q_rows + H * D;           // (H, D)
   float* row = acc + H * D;              // (D,): a widened cache row
-  widen(q_rows, q + seq * H * D, H * D);
+  widen(q_rows, q + (seq * a.heads + first_head) * D, H * D);
   for (int64_t i = 0; i < H * D; ++i) {
     q_rows[i] *= a.softmax_scale;
   }
@@ -303,9 +306,9 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   for (int64_t start = 0; start < context; start += bs) {
     const scalar_t* block = k_cache + table[start / bs] * a.cache_stride_block;
     for (int64_t i = 0, n = std::min(bs, context - start); i < n; ++i) {
-      for (int64_t kv = 0; kv < a.kv_heads; ++kv) {
+      for (int64_t kv = kv_begin; kv < kv_end; ++kv) {
         const float* k = fp32_row(block + i * a.cache_stride_slot + kv * a.cache_stride_head, row, D);
-        for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+        for (int64_t h = (kv - kv_begin) * group; h < (kv - kv_begin + 1) * group; ++h) {
           scores[h * context + start + i] = dot(q_rows + h * D, k, D);
         }
       }
@@ -339,9 +342,9 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   for (int64_t start = 0; start < context; start += bs) {
     const scalar_t* block = v_cache + table[start / bs] * a.cache_stride_block;
     for (int64_t i = 0, n = std::min(bs, context - start); i < n; ++i) {
-      for (int64_t kv = 0; kv < a.kv_heads; ++kv) {
+      for (int64_t kv = kv_begin; kv < kv_end; ++kv) {
         const float* v = fp32_row(block + i * a.cache_stride_slot + kv * a.cache_stride_head, row, D);
-        for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+        for (int64_t h = (kv - kv_begin) * group; h < (kv - kv_begin + 1) * group; ++h) {
           const float p = scores[h * context + start + i];
           float* acc_row = acc + h * D;
           for (int64_t d = 0; d < D; ++d) {
@@ -351,8 +354,9 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
       }
     }
   }
+  scalar_t* out = o + (seq * a.heads + first_head) * D;
   for (int64_t i = 0; i < H * D; ++i) {
-    o[seq * H * D + i] = from_float<scalar_t>(acc[i]);
+    out[i] = from_float<scalar_t>(acc[i]);
   }
 }
 
@@ -508,10 +512,17 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
     const scalar_t* v_ptr = v_cache.const_data_ptr<scalar_t>();
     scalar_t* o_ptr = o.mutable_data_ptr<scalar_t>();
     if (!cu_seqlens_q) {
-      at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+      // Whole sequences per task (each slot read in one pass), unless there are fewer than threads: then
+      // each sequence's kv heads in as many contiguous ranges as it takes to give every thread one (one
+      // range per kv head read each slot in pieces, and ran batch-1 decode 1.8x slower than no split).
+      const int64_t threads = at::get_num_threads();
+      const int64_t splits = num_seqs < threads ? std::min(kv_heads, (threads + num_seqs - 1) / num_seqs) : 1;
+      at::parallel_for(0, num_seqs * splits, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scratch;  // reused by the tasks of this thread
-        for (int64_t i = begin; i < end; ++i) {
-          attend_decode<scalar_t>(a, q_ptr, k_ptr, v_ptr, o_ptr, i, scratch);
+        for (int64_t w = begin; w < end; ++w) {
+          const int64_t part = w % splits, kv_begin = part * kv_heads / splits;
+          attend_decode<scalar_t>(a, q_ptr, k_ptr, v_ptr, o_ptr, w / splits, kv_begin,
+                                  (part + 1) * kv_heads / splits, scratch);
         }
       });
       return;
