@@ -1,4 +1,4 @@
-// Paged KV cache on CPU: write new tokens' keys/values into blocks, and attend over them.
+// Paged attention on CPU over the block cache (the cache writes are in kv_cache.cpp).
 // - Chunked prefill: one task per (sequence, kv_head, tile of query tokens). The context is walked 16 keys
 //   at a time, widened to fp32 once for all query rows of the tile (the group's heads of each token); an
 //   online softmax folds each step into every row, so no buffer grows with the context. Scores and the
@@ -13,7 +13,9 @@
 // The kernels are compiled for AVX-512, AVX2 + FMA and the baseline, picked at load time (target_clones),
 // because the build has no -march flag and the SSE2 copy made chunked prefill slower than the reference.
 #include "ops.h"
+#include "cache_layout.h"
 #include "half_convert.h"
+#include "vec16.h"
 
 #include <algorithm>
 #include <cmath>
@@ -88,47 +90,7 @@ struct PagedArgs {
 constexpr int64_t kKeyStep = 16;
 constexpr int64_t kRowBlock = 4;
 
-// GCC vector extensions: one AVX-512 register, two AVX2 ones or four SSE ones, as each clone of the kernel
-// compiles it (the helpers are always inlined into the clones, so no call passes these types across
-// an instruction-set boundary; GCC's ABI note about that is silenced).
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float f32x16 __attribute__((vector_size(4 * kKeyStep)));
-static_assert(kLanes == kKeyStep, "step_values loads kLanes columns as one f32x16");
-
-constexpr f32x16 kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-inline __attribute__((always_inline)) f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));  // an unaligned vector load
-  return v;
-}
-
-// exp of each lane, within 2 ulp of std::exp for x in [-87, 88] (below: exp(-87), ~1e-38, where a probability
-// next to the row's maximum, exp(0) = 1, has no visible share anyway). exp(x) = 2^n * exp(r) with
-// n = round(x / ln 2) and |r| <= ln(2) / 2, where a degree-7 Taylor polynomial is exact to 5e-9.
-// One std::exp per score cost as much as the dot products.
-inline __attribute__((always_inline)) f32x16 exp16(f32x16 x) {
-  typedef int32_t i32x16 __attribute__((vector_size(sizeof(f32x16))));
-  const f32x16 lo = f32x16{} - 87.f, hi = f32x16{} + 88.f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const f32x16 half = x < 0.f ? f32x16{} - 0.5f : f32x16{} + 0.5f;
-  const i32x16 n = __builtin_convertvector(x * 1.44269504088896341f + half, i32x16);  // rounded half away
-  const f32x16 nf = __builtin_convertvector(n, f32x16);
-  const f32x16 r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;  // ln 2 in two parts: r stays exact
-  f32x16 p = 1.f / 5040 + r * (1.f / 40320);
-  p = 1.f / 720 + r * p;
-  p = 1.f / 120 + r * p;
-  p = 1.f / 24 + r * p;
-  p = 1.f / 6 + r * p;
-  p = 0.5f + r * p;
-  p = 1.f + r * p;
-  p = 1.f + r * p;
-  const i32x16 bits = (n + 127) << 23;  // 2^n as a float
-  f32x16 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+static_assert(kLanes == kKeyStep && sizeof(f32x16) == 4 * kKeyStep, "a step of keys is one f32x16");
 
 // s[r, t] = q[r] . k[t] for R rows; kt: the step's keys transposed, (D, kKeyStep).
 template <int64_t R>
@@ -360,45 +322,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   }
 }
 
-// The Python wrappers check all of this before calling; these checks keep a direct call of the ops, or a
-// torch.compile'd graph (whose index values Python cannot read while tracing), from reading or writing
-// out of bounds. Each is one pass over the index tensors, no more than the kernels read anyway.
-// Both caches (of one shape, check_caches) are addressed with k_cache's strides: they must agree wherever
-// the index can be nonzero (a size-1 dim, such as MQA's one kv head, is never stepped along, so its stride
-// may differ).
-bool same_layout(const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  for (int64_t d = 0; d < k_cache.dim(); ++d) {
-    const bool unit = d == k_cache.dim() - 1;
-    if (k_cache.size(d) > 1 && (k_cache.stride(d) != v_cache.stride(d) || (unit && k_cache.stride(d) != 1))) {
-      return false;
-    }
-  }
-  return true;
-}
-
-void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && v_cache.dtype() == k_cache.dtype(),
-              op, ": k_cache and v_cache must be (num_blocks, block_size, kv_heads, head_dim) of one dtype");
-  TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(2) > 0, op, ": block_size and kv_heads must be positive");
-}
-
-void check_write_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                      const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
-  check_caches("write_kv_cache_cpu", k_cache, v_cache);
-  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == k_cache.size(2) &&
-                  k.size(2) == k_cache.size(3) && k.dtype() == k_cache.dtype() && v.dtype() == k.dtype(),
-              "write_kv_cache_cpu: k, v must be (tokens, kv_heads, head_dim) matching the caches");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
-                  slot_mapping.size(0) == k.size(0),
-              "write_kv_cache_cpu: slot_mapping must be int64 (tokens,)");
-  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
-  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
-  for (int64_t t = 0; t < slot_mapping.size(0); ++t) {
-    TORCH_CHECK(slots[t] >= -1 && slots[t] < num_slots, "write_kv_cache_cpu: slot_mapping[", t, "] = ",
-                slots[t], " is outside [-1, ", num_slots, ")");
-  }
-}
-
+// The Python wrappers check all of this before calling; see cache_layout.h.
 void check_paged_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& block_tables, const at::Tensor& context_lens,
                       const std::optional<at::Tensor>& cu_seqlens_q) {
@@ -441,38 +365,6 @@ void check_paged_args(const at::Tensor& q, const at::Tensor& k_cache, const at::
 }
 
 }  // namespace
-
-void write_kv_cache_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && slot_mapping.is_contiguous(),
-              "write_kv_cache_cpu: k, v and slot_mapping must be contiguous");
-  check_write_args(k, v, k_cache, v_cache, slot_mapping);
-  TORCH_CHECK(same_layout(k_cache, v_cache),
-              "write_kv_cache_cpu: caches need unit head_dim stride and equal strides");
-  const int64_t tokens = k.size(0), kv_heads = k.size(1), D = k.size(2), bs = k_cache.size(1);
-  const int64_t s_block = k_cache.stride(0), s_slot = k_cache.stride(1), s_head = k_cache.stride(2);
-  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
-  AT_DISPATCH_V2(k.scalar_type(), "write_kv_cache_cpu", AT_WRAP([&] {
-    const scalar_t* k_src = k.const_data_ptr<scalar_t>();
-    const scalar_t* v_src = v.const_data_ptr<scalar_t>();
-    scalar_t* k_dst = k_cache.mutable_data_ptr<scalar_t>();
-    scalar_t* v_dst = v_cache.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kv_heads * D)),
-                     [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t slot = slots[t];
-        if (slot < 0) {
-          continue;  // padding token
-        }
-        const int64_t base = (slot / bs) * s_block + (slot % bs) * s_slot;
-        for (int64_t h = 0; h < kv_heads; ++h) {
-          std::copy_n(k_src + (t * kv_heads + h) * D, D, k_dst + base + h * s_head);
-          std::copy_n(v_src + (t * kv_heads + h) * D, D, v_dst + base + h * s_head);
-        }
-      }
-    });
-  }), at::kHalf, at::kBFloat16, at::kFloat);
-}
 
 at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -539,7 +431,6 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
 }
 
 TORCH_LIBRARY_IMPL(llmfast, CPU, m) {
-  m.impl("write_kv_cache_cpu", &write_kv_cache_cpu);
   m.impl("paged_attention_cpu", &paged_attention_cpu);
 }
 
