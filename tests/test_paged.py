@@ -51,22 +51,28 @@ def test_paged_attention(backend, dtype, chunked, block_size, shape):
     assert_close_2x(out, peer, ref, slack_ulps=SLACK_ULPS[dtype])
 
 
+@pytest.mark.parametrize("head_dim", [64, 40])
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked_prefill"])
 @pytest.mark.parametrize("num_seqs", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_decode_of_fewer_sequences_than_threads(backend, dtype, num_seqs):
-    """The C++ CPU kernel splits each sequence by kv head when a decode batch has fewer sequences than threads
-    (4 here, whatever the machine): each part must write its own heads."""
+def test_few_sequences_under_many_threads(backend, dtype, num_seqs, chunked, head_dim):
+    """Fewer sequences than threads (4 here, whatever the machine): the C++ CPU kernel then splits each decode
+    sequence by kv head, and each part must write its own heads. head_dim 40 is not a multiple of the
+    kernels' 16 lanes."""
     require_backend(backend, "paged_attention")
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
         contexts = [133, 40, 17][:num_seqs]
-        k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, 16, 4, 64, dtype)
-        q_seqs = [_randn(1, 8, 64, dtype=dtype) for _ in contexts]
+        k_seqs, v_seqs, k_cache, v_cache, block_tables = _paged_cache(contexts, 16, 4, head_dim, dtype)
+        query_lens = [min(n, 37) if chunked else 1 for n in contexts]
+        q_seqs = [_randn(n, 8, head_dim, dtype=dtype) for n in query_lens]
+        cu_seqlens_q = _int32(0, *query_lens).cumsum(0).to(torch.int32).to(DEVICE) if chunked else None
         with poison_allocations():
             out = paged_attention(torch.cat(q_seqs), k_cache, v_cache, block_tables,
-                                  torch.tensor(contexts, dtype=torch.int32, device=DEVICE), backend=backend)
+                                  torch.tensor(contexts, dtype=torch.int32, device=DEVICE), cu_seqlens_q=cu_seqlens_q,
+                                  backend=backend)
     finally:
         torch.set_num_threads(threads)
     assert_close_2x(out, _paged_ref(q_seqs, k_seqs, v_seqs, upcast=False), _paged_ref(q_seqs, k_seqs, v_seqs, upcast=True),
