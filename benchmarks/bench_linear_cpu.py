@@ -74,19 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", type=parse_shapes, default=SHAPES, help="K x N list, e.g. 512x32000,4096x4096")
     parser.add_argument("--m", type=common.parse_int_list, default=MS, help="batch rows M, e.g. 1,8,32")
     parser.add_argument("--repeats", type=int, default=3, help="timings per case, implementations interleaved")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--threads", type=common.positive_int, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--out-dir", type=Path, help="write the JSON + PNG here instead of benchmarks/results/")
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads: expected a positive int, got {args.threads}")
     if not _ext.has_op("packed_linear_cpu"):
         raise SystemExit("llmfast._C with packed_linear_cpu is not built here: nothing of ours to time")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
+    with common.torch_threads(args.threads):
         run(args)
-    finally:
-        torch.set_num_threads(threads)
     return 0
 
 

@@ -192,24 +192,21 @@ def save(rows: list[dict], shapes: dict, repeats: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_paged_cpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small shape and case of each op: a smoke run")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per case, implementations interleaved")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--repeats", type=common.positive_int, default=3,
+                        help="timings per case, implementations interleaved")
+    parser.add_argument("--threads", type=common.positive_int, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--out-dir", type=Path, help="where JSON + PNG go (default benchmarks/results/; "
                         "--quick: a temporary folder)")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads: expected a positive int, got {args.threads}")
-        torch.set_num_threads(args.threads)
     missing = [op for op in ("paged_attention", "write_kv_cache") if "cpu" not in llmfast.available_backends(op)]
     if missing:
         raise SystemExit(f"llmfast._C lacks the C++ CPU {' and '.join(missing)} here: nothing of ours to time")
     shapes, decode, prefill, write_tokens = QUICK if args.quick else (SHAPES, DECODE, PREFILL, WRITE_TOKENS)
-    print(f"CPU, {torch.get_num_threads()} threads, blocks of {BLOCK_SIZE}")
-    rows = run(shapes, decode, prefill, write_tokens, max(1, args.repeats))
-
-    with common.results_dir(common.out_dir(args, "paged")):
-        save(rows, shapes, max(1, args.repeats))
+    with common.torch_threads(args.threads):
+        print(f"CPU, {torch.get_num_threads()} threads, blocks of {BLOCK_SIZE}")
+        rows = run(shapes, decode, prefill, write_tokens, args.repeats)
+        with common.results_dir(common.out_dir(args, "paged")):
+            save(rows, shapes, args.repeats)
 
     print()
     print_table([{

@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="a,b,c", help="GPU parts to run, comma-separated (default a,b,c)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per system (median reported)")
     parser.add_argument("--out-dir", type=Path, help="where JSON + PNG go (default benchmarks/results/)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own); on a machine "
+    parser.add_argument("--threads", type=common.positive_int, help="torch CPU threads (default: torch's own); on a machine "
                         "shared with other jobs, 1 avoids threads waiting on each other at every small op")
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
@@ -320,15 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--parts: expected a comma-separated subset of a,b,c, got {args.parts!r}")
     if args.repeats < 1:
         parser.error(f"--repeats: expected a positive int, got {args.repeats}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads: expected a positive int, got {args.threads}")
-    threads = torch.get_num_threads()
     # the quick model is too small to gain from threads, which only wait on each other when cores are busy
-    torch.set_num_threads(args.threads or (1 if args.quick else threads))
-    try:
+    with common.torch_threads(args.threads or (1 if args.quick else None)):
         name, rows, columns, panels, payload = run(args, device, parts)
-    finally:
-        torch.set_num_threads(threads)
     print_table(rows, columns)
     with common.results_dir(common.out_dir(args, "throughput")):
         save_results(name, payload, device=device, packages=("transformers", "llmfast"))

@@ -106,6 +106,29 @@ def parse_int_list(text: str) -> list[int]:
     return values
 
 
+def positive_int(text: str) -> int:
+    """``"4"`` -> 4 (a positive int), for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Inside the block torch uses ``n`` CPU threads (None: as many as it did); the count is restored after, so
+    that a benchmark run in-process (``llmfast bench all``, the tests) leaves no setting behind."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n or saved)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def parse_pairs(text: str, names: str, first_multiple_of: int = 1) -> list[tuple[int, int]]:
     """``"4096x4096,16384x4096"`` -> positive ``(a, b)`` pairs, ``a`` a multiple of ``first_multiple_of``,
     for argparse; ``names`` (e.g. ``"KxN"``) names them in the error."""

@@ -46,3 +46,10 @@ def test_a_write_that_misses_slots_stops_the_benchmark(monkeypatch):
     shapes, _, _, write_tokens = bench_paged_cpu.QUICK
     with pytest.raises(AssertionError, match="wrong values"):
         bench_paged_cpu.run(shapes, [], [], write_tokens, repeats=1)
+
+
+def test_threads_option_leaves_torch_as_it_found_it(tmp_path):
+    before = torch.get_num_threads()
+    assert bench_paged_cpu.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == before
+    assert json.loads(next(tmp_path.glob("cpu_paged*.json")).read_text())["threads"] == 1
