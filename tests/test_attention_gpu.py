@@ -15,20 +15,24 @@ def _gpu_randn(*shape, dtype):
     return torch.randn(*shape, dtype=dtype, device="cuda")
 
 
+def _check_dense(q_shape, kv_shape, dtype, causal):
+    """Triton's output and gradients on fresh q (q_shape), k, v (kv_shape) against the reference."""
+    require_backend("triton", "attention", torch.device("cuda"))
+    q, k, v = _gpu_randn(*q_shape, dtype=dtype), _gpu_randn(*kv_shape, dtype=dtype), _gpu_randn(*kv_shape, dtype=dtype)
+    _check_grads(
+        lambda q, k, v: attention(q, k, v, causal=causal, backend="triton"),
+        lambda q, k, v, upcast=True: attention_ref(q, k, v, causal=causal, upcast=upcast),
+        q, k, v, _gpu_randn(*q_shape, dtype=torch.float32),
+    )
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_attention_dense(dtype, causal, head_dim):
-    require_backend("triton", "attention", torch.device("cuda"))
-    q = _gpu_randn(2, 2048, 16, head_dim, dtype=dtype)
-    k, v = _gpu_randn(2, 2048, 16, head_dim, dtype=dtype), _gpu_randn(2, 2048, 16, head_dim, dtype=dtype)
-    _check_grads(
-        lambda q, k, v: attention(q, k, v, causal=causal, backend="triton"),
-        lambda q, k, v, upcast=True: attention_ref(q, k, v, causal=causal, upcast=upcast),
-        q, k, v, _gpu_randn(2, 2048, 16, head_dim, dtype=torch.float32),
-    )
+    _check_dense((2, 2048, 16, head_dim), (2, 2048, 16, head_dim), dtype, causal)
 
 
 @pytest.mark.gpu
@@ -36,14 +40,7 @@ def test_gpu_attention_dense(dtype, causal, head_dim):
 @pytest.mark.parametrize("head_dim, causal", [(80, True), (96, False), (192, True)])
 def test_gpu_attention_padded_head_dims(head_dim, causal):
     """Head dims the kernels pad to a power of two, on the tensor cores in bf16, with GQA 8."""
-    require_backend("triton", "attention", torch.device("cuda"))
-    q = _gpu_randn(2, 1024, 16, head_dim, dtype=torch.bfloat16)
-    k, v = (_gpu_randn(2, 1024, 2, head_dim, dtype=torch.bfloat16) for _ in range(2))
-    _check_grads(
-        lambda q, k, v: attention(q, k, v, causal=causal, backend="triton"),
-        lambda q, k, v, upcast=True: attention_ref(q, k, v, causal=causal, upcast=upcast),
-        q, k, v, _gpu_randn(2, 1024, 16, head_dim, dtype=torch.float32),
-    )
+    _check_dense((2, 1024, 16, head_dim), (2, 1024, 2, head_dim), torch.bfloat16, causal)
 
 
 @pytest.mark.gpu
@@ -52,14 +49,7 @@ def test_gpu_attention_padded_head_dims(head_dim, causal):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_attention_gqa_cross(dtype, causal):
     """GQA 32/8 with more keys than queries (bottom-right causal), as in chunked prefill."""
-    require_backend("triton", "attention", torch.device("cuda"))
-    q = _gpu_randn(2, 1000, 32, 128, dtype=dtype)
-    k, v = _gpu_randn(2, 3000, 8, 128, dtype=dtype), _gpu_randn(2, 3000, 8, 128, dtype=dtype)
-    _check_grads(
-        lambda q, k, v: attention(q, k, v, causal=causal, backend="triton"),
-        lambda q, k, v, upcast=True: attention_ref(q, k, v, causal=causal, upcast=upcast),
-        q, k, v, _gpu_randn(2, 1000, 32, 128, dtype=torch.float32),
-    )
+    _check_dense((2, 1000, 32, 128), (2, 3000, 8, 128), dtype, causal)
 
 
 @pytest.mark.gpu
