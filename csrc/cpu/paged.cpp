@@ -33,8 +33,8 @@ namespace llmfast {
 namespace {
 
 // Query tokens per task in chunked prefill: enough rows to reuse each widened step of keys many times
-// (16 tokens ran 1.2-1.7x slower than 32 or 64 at GQA 8/4 and 32/8), few enough that a long prefill still
-// splits into tasks for every core.
+// (before the exp was vectorised, 16 tokens ran float32 prefill 1.25-1.7x slower than 32 at GQA 8/4 and 32/8;
+// 32 and 64 measured alike), few enough that a long prefill still splits into tasks for every core.
 constexpr int64_t kQueryTile = 64;
 
 // Independent partial sums: without -ffast-math the compiler vectorises a reduction only in this form;
@@ -406,7 +406,8 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
     if (!cu_seqlens_q) {
       // Whole sequences per task (each slot read in one pass), unless there are fewer than threads: then
       // each sequence's kv heads in as many contiguous ranges as it takes to give every thread one (one
-      // range per kv head read each slot in pieces, and ran batch-1 decode 1.8x slower than no split).
+      // range per kv head read each slot in pieces: at 32/8, D128 it ran batch-1 decode at 0.69x SDPA's
+      // speed, against 0.85x without any split, on a machine whose speed drifted between those runs).
       const int64_t threads = at::get_num_threads();
       const int64_t splits = num_seqs < threads ? std::min(kv_heads, (threads + num_seqs - 1) / num_seqs) : 1;
       at::parallel_for(0, num_seqs * splits, 1, [&](int64_t begin, int64_t end) {
