@@ -22,10 +22,10 @@ TORCH_LIBRARY(llmfast, m) {
   // k, v: (tokens, kv_heads, head_dim); slot_mapping: int64 (tokens,), -1 skips. Writes the caches in place.
   m.def("write_kv_cache_cpu(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping)"
         " -> ()");
-  // q: (total_q, heads, head_dim); block_tables, context_lens, cu_seqlens_q: int32 (None: decode).
-  // Returns o like q.
+  // q: (total_q, heads, head_dim); block_tables, context_lens, cu_seqlens_q: int32 (None: decode); isa as
+  // quant_matmul_cpu. Returns o like q.
   m.def("paged_attention_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables,"
-        " Tensor context_lens, Tensor? cu_seqlens_q, float softmax_scale) -> Tensor");
+        " Tensor context_lens, Tensor? cu_seqlens_q, float softmax_scale, str isa='auto') -> Tensor");
 }
 
 // Empty: importing llmfast._C only has to load this library so the registrations above run.

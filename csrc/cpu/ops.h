@@ -49,10 +49,11 @@ void write_kv_cache_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tens
 
 // q: (total_q, heads, head_dim) contiguous float32/float16/bfloat16; caches as write_kv_cache_cpu;
 // block_tables: int32 (num_seqs, max_blocks); context_lens: int32 (num_seqs,); cu_seqlens_q: int32
-// (num_seqs+1,) or None for decode (one query per sequence). Inputs validated by llmfast.ops.paged.
-// Returns o: like q.
+// (num_seqs+1,) or None for decode (one query per sequence); isa as quant_matmul_cpu. Inputs validated by
+// llmfast.ops.paged. Returns o: like q.
 at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& block_tables, const at::Tensor& context_lens,
-                               const std::optional<at::Tensor>& cu_seqlens_q, double softmax_scale);
+                               const std::optional<at::Tensor>& cu_seqlens_q, double softmax_scale,
+                               c10::string_view isa);
 
 }  // namespace llmfast
