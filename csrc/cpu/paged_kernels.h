@@ -3,12 +3,15 @@
 // - Chunked prefill (attend_tile): one task per (sequence, kv_head, tile of query tokens). The context is
 //   walked 16 keys at a time, widened to fp32 once for all query rows of the tile (the group's heads of each
 //   token); an online softmax folds each step into every row, so no buffer grows with the context. Scores
-//   and the weighted values are register-blocked multiply-adds over 4 rows (GCC vector types) and the exps
-//   are vectorised: with one scalar dot and one std::exp per score it ran 4-5.6x slower than SDPA with a
-//   causal mask on the same contiguous K/V (benchmarks/bench_paged_cpu.py), now 0.7-1.0x.
+//   and the weighted values are register-blocked multiply-adds over 4 rows (GCC vector types), the exps
+//   are vectorised and the softmax reduces 16 rows at once: with one scalar dot and one std::exp per score
+//   it ran 4-5.6x slower than SDPA with a causal mask on the same contiguous K/V
+//   (benchmarks/bench_paged_cpu.py), now 0.96-1.06x.
 // - Decode (attend_decode): one task per sequence (per range of its kv heads when there are fewer sequences
 //   than threads), two passes over its slots: scores of every head, then one softmax and one weighted sum
-//   of the values. fp32 caches are read in place.
+//   of the values. fp32 caches are read in place. The scores of 16 keys are summed across lanes together
+//   (hsum.h): one key at a time, through the stack, float32 decode at head_dim 64 ran 0.43-0.78x SDPA on the
+//   same contiguous K/V, now 0.85-1.38x (two runs).
 #pragma once
 
 #include "half_convert.h"
@@ -211,6 +214,54 @@ inline __attribute__((always_inline)) void rows_values(const float* p, int64_t p
   }
 }
 
+// One step of the online softmax for m <= 16 rows: s (m, kKeyStep) holds row i's scores, of which the first
+// visible[i] count. Row i's max and sum move on to this step; its scores become probabilities (0 past
+// visible[i]) relative to the new max, and rescale[i] = exp(old max - new max) (1 for a row that sees
+// nothing). The rows' maxima and sums are reduced 16 at a time (hsum.h): one row at a time, 16 dependent
+// scalar steps each took about as long as the row's multiply-adds.
+template <int V>
+inline __attribute__((always_inline)) void step_softmax(float* s, int64_t m, const int64_t* visible,
+                                                        float* row_max, float* row_sum, float* rescale) {
+  const float inf = std::numeric_limits<float>::infinity();
+  f32x16 old_max = f32x16{} - inf, seen = {};  // per row; the rows past m see nothing
+  vec_t<V> parts[kKeyStep];
+  for (int64_t i = 0; i < kKeyStep; ++i) {
+    if (i < m) {
+      float* p = s + i * kKeyStep;
+      const f32x16 scores = kLaneIndex < static_cast<float>(visible[i]) ? load16(p) : f32x16{} - inf;
+      std::memcpy(p, &scores, sizeof(scores));
+      parts[i] = combine16<V, Max>(p);
+      old_max[i] = row_max[i];
+      seen[i] = static_cast<float>(visible[i]);
+    } else {
+      parts[i] = vec_t<V>{} - inf;
+    }
+  }
+  float step_max[kKeyStep];
+  reduce16<V, Max>(parts, step_max);
+  const f32x16 new_max = load16(step_max) > old_max ? load16(step_max) : old_max;
+  // A row that sees nothing keeps its max (perhaps still -inf, where the exp would be NaN).
+  const f32x16 factor = seen > 0.f ? exp16(old_max - new_max) : f32x16{} + 1.f;
+  for (int64_t i = 0; i < kKeyStep; ++i) {
+    if (i < m) {
+      float* p = s + i * kKeyStep;
+      const f32x16 e = exp16(load16(p) - new_max[i]);
+      const f32x16 probs = kLaneIndex < seen[i] ? e : f32x16{};
+      std::memcpy(p, &probs, sizeof(probs));
+      parts[i] = combine16<V, Add>(p);
+    } else {
+      parts[i] = vec_t<V>{};
+    }
+  }
+  float sums[kKeyStep];
+  sum16<V>(parts, sums);
+  for (int64_t i = 0; i < m; ++i) {
+    row_sum[i] = row_sum[i] * factor[i] + sums[i];
+    row_max[i] = new_max[i];
+    rescale[i] = factor[i];
+  }
+}
+
 // Attention of query tokens [tile_begin, tile_end) of one sequence (positions context - n_q + i, i counted
 // from the sequence's first query) for the query heads of one kv head. q, o: (total_q, heads, head_dim).
 template <typename scalar_t, int V>
@@ -266,27 +317,15 @@ inline __attribute__((always_inline)) void attend_tile(const PagedArgs& a, const
     for (; r < rows; ++r) {
       step_scores<1>(q_rows + r * D, kt, D, s + r * kKeyStep);
     }
-    // Online softmax: each row's new max, the rescale of what it summed before, its probabilities
-    // (0 past its causal limit, aligned bottom-right).
-    for (r = 0; r < rows; ++r) {
-      const int64_t pos = context - n_q + tile_begin + r / group;
-      const int64_t visible = std::min(n, pos + 1 - start);
-      float* p = s + r * kKeyStep;
-      float block_max = row_max[r];
-      for (int64_t t = 0; t < visible; ++t) {
-        block_max = std::max(block_max, p[t]);
+    // Online softmax, 16 rows at a time; a row sees the keys up to its position (bottom-right causal).
+    for (r = 0; r < rows; r += kKeyStep) {
+      int64_t visible[kKeyStep];
+      for (int64_t i = 0; i < kKeyStep && r + i < rows; ++i) {
+        const int64_t pos = context - n_q + tile_begin + (r + i) / group;
+        visible[i] = std::max<int64_t>(0, std::min(n, pos + 1 - start));
       }
-      // No visible key: nothing changes (rescale 1, p 0). Otherwise exp(-inf) = 0 on the first step.
-      rescale[r] = visible > 0 ? std::exp(row_max[r] - block_max) : 1.f;
-      const f32x16 e = exp16(load16(p) - block_max);
-      const f32x16 probs = kLaneIndex < static_cast<float>(visible) ? e : f32x16{};
-      std::memcpy(p, &probs, sizeof(probs));
-      float sum = row_sum[r] * rescale[r];
-      for (int64_t t = 0; t < kKeyStep; ++t) {
-        sum += p[t];
-      }
-      row_max[r] = block_max;
-      row_sum[r] = sum;
+      step_softmax<V>(s + r * kKeyStep, std::min(kKeyStep, rows - r), visible, row_max + r, row_sum + r,
+                      rescale + r);
     }
     rows_values<V>(s, kKeyStep, rescale, v_rows, n, D, acc, rows);
   }
