@@ -9,9 +9,10 @@
 //   (benchmarks/bench_paged_cpu.py), now 0.96-1.06x.
 // - Decode (attend_decode): one task per sequence (per range of its kv heads when there are fewer sequences
 //   than threads), two passes over its slots: scores of every head, then one softmax and one weighted sum
-//   of the values. fp32 caches are read in place. The scores of 16 keys are summed across lanes together
-//   (hsum.h): one key at a time, through the stack, float32 decode at head_dim 64 ran 0.43-0.78x SDPA on the
-//   same contiguous K/V, now 0.85-1.38x (two runs).
+//   of the values. fp32 and bf16 caches are read in place (widening bf16 through a scratch copy ran 32/8,
+//   D128 decode of 32 x 256 tokens about 1.3x slower). The scores of 16 keys are summed across lanes
+//   together (hsum.h): one key at a time, through the stack, float32 decode at head_dim 64 ran 0.43-0.78x
+//   SDPA on the same contiguous K/V, now 0.85-1.38x (two runs).
 #pragma once
 
 #include "half_convert.h"
@@ -89,23 +90,57 @@ inline __attribute__((always_inline)) int64_t step_slots(const PagedArgs& a, con
   return n;
 }
 
-// rows[t]: the fp32 cache row of slots[t] (+ head_offset), the n rows in the context read, the rest repeating
-// the last of them. fp32 rows are read in place if kInPlace, else (and rows of other dtypes) widened into
-// scratch (kKeyStep, D). Decode reads each row once per head, in place; chunked prefill copies them, as
-// before: its row blocks read each step's values many times, and rows a slot apart (4 KB at 8 kv heads of
-// 128) share L1 sets.
-template <bool kInPlace, typename scalar_t>
-inline __attribute__((always_inline)) void step_rows(const scalar_t* cache, const int64_t* slots, int64_t n,
-                                                     int64_t head_offset, int64_t D, float* scratch,
-                                                     const float** rows) {
+// The element type decode reads a cache's rows as, in place: fp32 and bf16 rows are (bf16 widens in
+// registers, see load_vec), fp16 rows are widened into a scratch copy first.
+template <typename scalar_t>
+using row_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, float>;
+
+// V fp32 lanes from bf16 values: a bf16 is the upper half of an fp32's bits. (hsum.h loads fp32 ones.)
+using ::llmfast::load_vec;
+template <int V>
+struct BitsVec {
+  typedef uint16_t u16 __attribute__((vector_size(2 * V)));
+  typedef uint32_t u32 __attribute__((vector_size(4 * V)));
+};
+
+template <int V>
+inline __attribute__((always_inline)) vec_t<V> load_vec(const c10::BFloat16* p) {
+  typename BitsVec<V>::u16 half;
+  std::memcpy(&half, p, sizeof(half));
+  const typename BitsVec<V>::u32 bits = __builtin_convertvector(half, typename BitsVec<V>::u32) << 16;
+  vec_t<V> v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// rows[t]: the cache row of slots[t] (+ head_offset) as row_t, the n rows in the context read, the rest
+// repeating the last of them; fp16 rows widened into scratch (kKeyStep, D). For decode, which reads each
+// row once per head.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void step_rows_in_place(const scalar_t* cache, const int64_t* slots, int64_t n,
+                                                              int64_t head_offset, int64_t D, float* scratch,
+                                                              const row_t<scalar_t>** rows) {
   for (int64_t t = 0; t < n; ++t) {
     const scalar_t* src = cache + slots[t] + head_offset;
-    if constexpr (kInPlace && std::is_same_v<scalar_t, float>) {
+    if constexpr (std::is_same_v<scalar_t, row_t<scalar_t>>) {
       rows[t] = src;
     } else {
       widen(scratch + t * D, src, D);
       rows[t] = scratch + t * D;
     }
+  }
+  std::fill(rows + n, rows + kKeyStep, rows[n - 1]);
+}
+
+// As step_rows_in_place, but every row widened (or copied) into scratch: chunked prefill's row blocks read
+// each step's values many times, and rows a slot apart (4 KB at 8 kv heads of 128) share L1 sets.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void step_rows(const scalar_t* cache, const int64_t* slots, int64_t n,
+                                                     int64_t head_offset, int64_t D, float* scratch,
+                                                     const float** rows) {
+  for (int64_t t = 0; t < n; ++t) {
+    widen(scratch + t * D, cache + slots[t] + head_offset, D);
+    rows[t] = scratch + t * D;
   }
   std::fill(rows + n, rows + kKeyStep, rows[n - 1]);
 }
@@ -126,9 +161,9 @@ inline __attribute__((always_inline)) void step_scores(const float* q, const flo
 // s[t] = q . rows[t] for one query row against kKeyStep keys, t < n. V: the float lanes of the kernel
 // copy's vector registers (hsum.h). Eight keys at a time along head_dim: eight independent multiply-add
 // chains (one key at a time left each dot waiting on its own chain).
-template <int V>
-inline __attribute__((always_inline)) void row_scores(const float* q, const float* const* rows, int64_t D,
-                                                      int64_t n, float* s) {
+template <int V, typename T>
+inline __attribute__((always_inline)) void row_scores(const float* q, const T* const* rows, int64_t D, int64_t n,
+                                                      float* s) {
   constexpr int64_t kKeys = 8;
   vec_t<V> dots[kKeyStep];
   for (int64_t t0 = 0; t0 < kKeyStep; t0 += kKeys) {
@@ -142,7 +177,7 @@ inline __attribute__((always_inline)) void row_scores(const float* q, const floa
     }
     for (; d < D; ++d) {  // head_dim not a multiple of V
       for (int64_t t = 0; t < kKeys; ++t) {
-        acc[t][0] += q[d] * rows[t0 + t][d];
+        acc[t][0] += q[d] * to_float(rows[t0 + t][d]);
       }
     }
     std::memcpy(dots + t0, acc, sizeof(acc));
@@ -155,10 +190,9 @@ inline __attribute__((always_inline)) void row_scores(const float* q, const floa
 // acc[r] = acc[r] * rescale[r] + sum over t < n of p[r, t] * v[t] for R rows; p: (R, kKeyStep) rows
 // p_stride apart, v: n rows of D, acc: (R, D). C vectors of each row at once, so R * C multiply-add chains
 // run side by side (one vector of one row at a time waited on its chain: 16 dependent steps).
-template <int64_t R, int64_t C, int V>
+template <int64_t R, int64_t C, int V, typename T>
 inline __attribute__((always_inline)) void values_at(const float* p, int64_t p_stride, const float* rescale,
-                                                     const float* const* v, int64_t n, int64_t D, float* acc,
-                                                     int64_t d) {
+                                                     const T* const* v, int64_t n, int64_t D, float* acc, int64_t d) {
   vec_t<V> a[R][C];
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t c = 0; c < C; ++c) {
@@ -178,22 +212,22 @@ inline __attribute__((always_inline)) void values_at(const float* p, int64_t p_s
   }
 }
 
-template <int64_t R, int V>
+template <int64_t R, int V, typename T>
 inline __attribute__((always_inline)) void step_values(const float* p, int64_t p_stride, const float* rescale,
-                                                       const float* const* v, int64_t n, int64_t D, float* acc) {
+                                                       const T* const* v, int64_t n, int64_t D, float* acc) {
   constexpr int64_t C = R >= 8 ? 1 : 8 / R;  // eight chains
   int64_t d = 0;
   for (; d + C * V <= D; d += C * V) {
-    values_at<R, C, V>(p, p_stride, rescale, v, n, D, acc, d);
+    values_at<R, C, V, T>(p, p_stride, rescale, v, n, D, acc, d);
   }
   for (; d + V <= D; d += V) {
-    values_at<R, 1, V>(p, p_stride, rescale, v, n, D, acc, d);
+    values_at<R, 1, V, T>(p, p_stride, rescale, v, n, D, acc, d);
   }
   for (; d < D; ++d) {  // head_dim not a multiple of V
     for (int64_t r = 0; r < R; ++r) {
       float x = acc[r * D + d] * rescale[r];
       for (int64_t t = 0; t < n; ++t) {
-        x += p[r * p_stride + t] * v[t][d];
+        x += p[r * p_stride + t] * to_float(v[t][d]);
       }
       acc[r * D + d] = x;
     }
@@ -298,8 +332,8 @@ inline __attribute__((always_inline)) void attend_tile(const PagedArgs& a, const
   for (int64_t start = 0; start < used; start += kKeyStep) {
     const int64_t n = step_slots(a, table, start, used, slots);
     // Both copied: every row block reads the values (see step_rows); the keys are transposed from the copy.
-    step_rows<false>(x.k_cache, slots, n, head_offset, D, widened, k_rows);
-    step_rows<false>(x.v_cache, slots, n, head_offset, D, widened + kKeyStep * D, v_rows);
+    step_rows(x.k_cache, slots, n, head_offset, D, widened, k_rows);
+    step_rows(x.v_cache, slots, n, head_offset, D, widened + kKeyStep * D, v_rows);
     for (int64_t t = 0; t < n; ++t) {
       for (int64_t d = 0; d < D; ++d) {
         kt[d * kKeyStep + t] = k_rows[t][d];
@@ -363,11 +397,11 @@ inline __attribute__((always_inline)) void attend_decode(const PagedArgs& a, con
   }
   const int32_t* table = a.block_tables + seq * a.max_blocks;
   int64_t slots[kKeyStep];
-  const float* rows[kKeyStep];
+  const row_t<scalar_t>* rows[kKeyStep];
   for (int64_t start = 0; start < context; start += kKeyStep) {
     const int64_t n = step_slots(a, table, start, context, slots);
     for (int64_t kv = kv_begin; kv < kv_end; ++kv) {
-      step_rows<true>(x.k_cache, slots, n, kv * a.cache_stride_head, D, widened, rows);
+      step_rows_in_place(x.k_cache, slots, n, kv * a.cache_stride_head, D, widened, rows);
       for (int64_t h = (kv - kv_begin) * group; h < (kv - kv_begin + 1) * group; ++h) {
         row_scores<V>(q_rows + h * D, rows, D, n, scores + h * context + start);
       }
@@ -410,7 +444,7 @@ inline __attribute__((always_inline)) void attend_decode(const PagedArgs& a, con
   for (int64_t start = 0; start < context; start += kKeyStep) {
     const int64_t n = step_slots(a, table, start, context, slots);
     for (int64_t kv = kv_begin; kv < kv_end; ++kv) {
-      step_rows<true>(x.v_cache, slots, n, kv * a.cache_stride_head, D, widened, rows);
+      step_rows_in_place(x.v_cache, slots, n, kv * a.cache_stride_head, D, widened, rows);
       const int64_t h = (kv - kv_begin) * group;
       int64_t r = 0;
       for (; r + kRowBlock <= group; r += kRowBlock) {
