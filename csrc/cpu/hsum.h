@@ -1,9 +1,10 @@
 // Horizontal sums (and maxima) of 16 vectors at once, for the paged kernels' scores and softmax
-// (paged_kernels.h): a tree of folds, each two lane shuffles and an add, instead of 16 separate reductions;
-// one reduction per key went through the stack and took most of a decode step's time. Vectors are V floats, the width of the instruction set a kernel copy
-// is compiled for (16: AVX-512, 8: AVX2, 4: SSE), because GCC builds a shuffle of a vector wider than the
-// registers element by element. Every shuffle here has a shape x86 does in one instruction: the same
-// pick within each 128-bit block (shufps), or whole 128-bit blocks.
+// (paged_prefill.h, paged_decode.h): a tree of folds, each two lane shuffles and an add, instead of 16
+// separate reductions; one reduction per key went through the stack and took most of a decode step's time.
+// Vectors are V floats, the width of the instruction set a kernel copy is compiled for (16: AVX-512, 8: AVX2,
+// 4: SSE), because GCC builds a shuffle of a vector wider than the registers element by element. Every
+// shuffle here has a shape x86 does in one instruction: the same pick within each 128-bit block (shufps), or
+// whole 128-bit blocks.
 #pragma once
 
 #include <cstring>

@@ -1,12 +1,13 @@
 // Paged attention on CPU over the block cache: argument checks, the split into tasks and the choice of
-// kernel copy. The kernels are in paged_kernels.h, the cache writes in kv_cache.cpp.
+// kernel copy. The kernels are in paged_prefill.h and paged_decode.h, the cache writes in kv_cache.cpp.
 // The kernels are compiled for AVX-512, AVX2 + FMA and the baseline (the build has no -march flag, and the
 // SSE2 copy made chunked prefill slower than the reference): the widest this CPU has, or the one ``isa``
 // names, so the tests run every copy on one machine.
 #include "ops.h"
 #include "cache_layout.h"
 #include "isa.h"
-#include "paged_kernels.h"
+#include "paged_decode.h"
+#include "paged_prefill.h"
 
 #include <algorithm>
 #include <vector>
