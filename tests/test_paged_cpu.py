@@ -66,6 +66,16 @@ def test_empty_context_outputs_zero(isa):
     assert torch.equal(out[0], torch.zeros_like(out[0])) and out[1].isfinite().all()
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked_prefill"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_no_sequences(isa, chunked):
+    """An empty batch returns an empty output (the decode split once divided by the number of sequences)."""
+    _, _, k_cache, v_cache, _ = _paged_cache([3], 16, 2, 64, torch.float32)
+    block_tables = torch.zeros(0, 2, dtype=torch.int32)
+    out = _run(isa, _randn(0, 4, 64), k_cache, v_cache, block_tables, [], _int32(0) if chunked else None)
+    assert out.shape == (0, 4, 64)
+
+
 def test_unknown_instruction_set_is_refused():
     _, _, k_cache, v_cache, block_tables = _paged_cache([3], 16, 2, 64, torch.float32)
     with pytest.raises(RuntimeError, match="isa must be"):

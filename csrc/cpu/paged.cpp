@@ -172,7 +172,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
     tasks = static_cast<int64_t>(tiles.size()) * kv_heads;
   } else {
     const int64_t threads = at::get_num_threads();
-    splits = num_seqs < threads ? std::min(kv_heads, (threads + num_seqs - 1) / num_seqs) : 1;
+    splits = num_seqs > 0 && num_seqs < threads ? std::min(kv_heads, (threads + num_seqs - 1) / num_seqs) : 1;
     tasks = num_seqs * splits;
   }
   AT_DISPATCH_V2(q.scalar_type(), "paged_attention_cpu", AT_WRAP([&] {
