@@ -3,7 +3,7 @@
 // sum of the values. fp32 and bf16 caches are read in place (widening bf16 through a scratch copy ran 32/8,
 // D128 decode of 32 x 256 tokens about 1.3x slower). The scores of 16 keys are summed across lanes together
 // (hsum.h): one key at a time, through the stack, float32 decode at head_dim 64 ran 0.43-0.78x SDPA on the
-// same contiguous K/V, now 0.85-1.38x (two runs).
+// same contiguous K/V, now 0.78-1.38x (three runs).
 #pragma once
 
 #include "paged_steps.h"
@@ -51,12 +51,13 @@ inline __attribute__((always_inline)) void attend_decode(const PagedArgs& a, con
   const int64_t D = a.head_dim, group = a.heads / a.kv_heads;
   const int64_t H = (kv_end - kv_begin) * group, first_head = kv_begin * group;  // this task's heads
   const int64_t context = a.context_lens[seq];
-  scratch.resize(H * context + 2 * H * D + kKeyStep * D + H);
-  float* scores = scratch.data();        // (H, context)
-  float* q_rows = scores + H * context;  // (H, D), pre-scaled
-  float* acc = q_rows + H * D;           // (H, D)
-  float* widened = acc + H * D;          // (kKeyStep, D): a step's cache rows, unless fp32
+  scratch.resize(H * context + 2 * H * D + kKeyStep * D + H + group);
+  float* scores = scratch.data();           // (H, context)
+  float* q_rows = scores + H * context;     // (H, D), pre-scaled
+  float* acc = q_rows + H * D;              // (H, D)
+  float* widened = acc + H * D;             // (kKeyStep, D): a step's fp16 cache rows
   float* inv_sum = widened + kKeyStep * D;  // (H,): 1 / the sum of each head's exps
+  float* ones = inv_sum + H;                // (group,): the values' rescale, none in decode
   widen(q_rows, x.q + (seq * a.heads + first_head) * D, H * D);
   for (int64_t i = 0; i < H * D; ++i) {
     q_rows[i] *= a.softmax_scale;
@@ -106,23 +107,13 @@ inline __attribute__((always_inline)) void attend_decode(const PagedArgs& a, con
     inv_sum[h] = sum > 0.f ? 1.f / sum : 0.f;  // a sequence with no context outputs 0
   }
   std::fill(acc, acc + H * D, 0.f);
-  const float ones[kRowBlock] = {1.f, 1.f, 1.f, 1.f};
+  std::fill(ones, ones + group, 1.f);
   for (int64_t start = 0; start < context; start += kKeyStep) {
     const int64_t n = step_slots(a, table, start, context, slots);
     for (int64_t kv = kv_begin; kv < kv_end; ++kv) {
       step_rows_in_place(x.v_cache, slots, n, kv * a.cache_stride_head, D, widened, rows);
       const int64_t h = (kv - kv_begin) * group;
-      int64_t r = 0;
-      for (; r + kRowBlock <= group; r += kRowBlock) {
-        step_values<kRowBlock, V>(scores + (h + r) * context + start, context, ones, rows, n, D,
-                                  acc + (h + r) * D);
-      }
-      for (; r + 2 <= group; r += 2) {
-        step_values<2, V>(scores + (h + r) * context + start, context, ones, rows, n, D, acc + (h + r) * D);
-      }
-      for (; r < group; ++r) {
-        step_values<1, V>(scores + (h + r) * context + start, context, ones, rows, n, D, acc + (h + r) * D);
-      }
+      rows_values<V>(scores + h * context + start, context, ones, rows, n, D, acc + h * D, group);
     }
   }
   scalar_t* out = x.o + (seq * a.heads + first_head) * D;

@@ -96,27 +96,10 @@ inline __attribute__((always_inline)) vec_t<V> load_vec(const c10::BFloat16* p) 
   return v;
 }
 
-// rows[t]: the cache row of slots[t] (+ head_offset) as row_t, the n rows in the context read, the rest
-// repeating the last of them; fp16 rows widened into scratch (kKeyStep, D). For decode, which reads each
-// row once per head.
-template <typename scalar_t>
-inline __attribute__((always_inline)) void step_rows_in_place(const scalar_t* cache, const int64_t* slots, int64_t n,
-                                                              int64_t head_offset, int64_t D, float* scratch,
-                                                              const row_t<scalar_t>** rows) {
-  for (int64_t t = 0; t < n; ++t) {
-    const scalar_t* src = cache + slots[t] + head_offset;
-    if constexpr (std::is_same_v<scalar_t, row_t<scalar_t>>) {
-      rows[t] = src;
-    } else {
-      widen(scratch + t * D, src, D);
-      rows[t] = scratch + t * D;
-    }
-  }
-  std::fill(rows + n, rows + kKeyStep, rows[n - 1]);
-}
-
-// As step_rows_in_place, but every row widened (or copied) into scratch: chunked prefill's row blocks read
-// each step's values many times, and rows a slot apart (4 KB at 8 kv heads of 128) share L1 sets.
+// rows[t]: the cache row of slots[t] (+ head_offset) widened (or copied) into scratch (kKeyStep, D) as fp32,
+// the n rows in the context read, the rest repeating the last of them. Chunked prefill reads rows this way:
+// its row blocks read each step's values many times, and rows a slot apart (4 KB at 8 kv heads of 128) share
+// L1 sets.
 template <typename scalar_t>
 inline __attribute__((always_inline)) void step_rows(const scalar_t* cache, const int64_t* slots, int64_t n,
                                                      int64_t head_offset, int64_t D, float* scratch,
@@ -128,6 +111,21 @@ inline __attribute__((always_inline)) void step_rows(const scalar_t* cache, cons
   std::fill(rows + n, rows + kKeyStep, rows[n - 1]);
 }
 
+// As step_rows, but fp32 and bf16 rows are read in place, as row_t; for decode, which reads each row once
+// per head.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void step_rows_in_place(const scalar_t* cache, const int64_t* slots, int64_t n,
+                                                              int64_t head_offset, int64_t D, float* scratch,
+                                                              const row_t<scalar_t>** rows) {
+  if constexpr (!std::is_same_v<scalar_t, row_t<scalar_t>>) {
+    step_rows(cache, slots, n, head_offset, D, scratch, rows);
+  } else {
+    for (int64_t t = 0; t < n; ++t) {
+      rows[t] = cache + slots[t] + head_offset;
+    }
+    std::fill(rows + n, rows + kKeyStep, rows[n - 1]);
+  }
+}
 
 // acc[r] = acc[r] * rescale[r] + sum over t < n of p[r, t] * v[t] for R rows; p: (R, kKeyStep) rows
 // p_stride apart, v: n rows of D, acc: (R, D). C vectors of each row at once, so R * C multiply-add chains
@@ -176,14 +174,17 @@ inline __attribute__((always_inline)) void step_values(const float* p, int64_t p
   }
 }
 
-// step_values over ``rows`` rows, kRowBlock at a time.
-template <int V>
+// step_values over ``rows`` rows, kRowBlock, then 2, then 1 at a time.
+template <int V, typename T>
 inline __attribute__((always_inline)) void rows_values(const float* p, int64_t p_stride, const float* rescale,
-                                                       const float* const* v, int64_t n, int64_t D, float* acc,
+                                                       const T* const* v, int64_t n, int64_t D, float* acc,
                                                        int64_t rows) {
   int64_t r = 0;
   for (; r + kRowBlock <= rows; r += kRowBlock) {
     step_values<kRowBlock, V>(p + r * p_stride, p_stride, rescale + r, v, n, D, acc + r * D);
+  }
+  for (; r + 2 <= rows; r += 2) {
+    step_values<2, V>(p + r * p_stride, p_stride, rescale + r, v, n, D, acc + r * D);
   }
   for (; r < rows; ++r) {
     step_values<1, V>(p + r * p_stride, p_stride, rescale + r, v, n, D, acc + r * D);

@@ -155,6 +155,12 @@ def check_max_seqlen(name: str, value: object, actual: int) -> int:
     return actual
 
 
+def value_range(t: torch.Tensor) -> tuple[int, int]:
+    """The least and greatest values of a non-empty integer tensor, in one host read."""
+    least, most = torch.stack(torch.aminmax(t)).tolist()
+    return least, most
+
+
 def contiguous_index(index: torch.Tensor | None) -> torch.Tensor | None:
     """An index tensor (cu_seqlens, slots, block tables, lengths) with unit stride: the kernels read it from
     its storage, not through its strides (a strided view passed the checks, which read through the view,

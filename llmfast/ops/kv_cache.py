@@ -13,6 +13,7 @@ from llmfast.ops._checks import (
     check_shape,
     check_tensor,
     contiguous_index,
+    value_range,
     values_readable,
 )
 
@@ -92,7 +93,7 @@ def _check_slot_values(slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> Non
     """Every slot is -1 or inside the cache (one host read)."""
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     if slot_mapping.numel() > 0:
-        lo, hi = torch.stack([slot_mapping.min(), slot_mapping.max()]).tolist()
+        lo, hi = value_range(slot_mapping)
         if lo < -1 or hi >= num_slots:
             raise ValueError(
                 f"slot_mapping: expected slots in [0, {num_slots}) (num_blocks * block_size) or -1, "

@@ -20,6 +20,7 @@ from llmfast.ops._checks import (
     check_traced_max_seqlen,
     contiguous_index,
     cu_seqlens_lengths,
+    value_range,
     values_readable,
 )
 from llmfast.ops.attention import MAX_HEAD_DIM, dense_attention_reference
@@ -138,25 +139,21 @@ def _check_paged_index_values(q, k_cache, block_tables, context_lens, cu_seqlens
 
     # Only the blocks a context uses must be valid; the rest of a row is padding and never read. A table
     # whose every entry is valid (as the engine's are) needs no mask: one read instead of eight ops.
-    if block_tables.numel() > 0 and _in_range(block_tables, 0, num_blocks):
-        return max_seqlen_q
+    if block_tables.numel() > 0:
+        lo, hi = value_range(block_tables)
+        if 0 <= lo and hi < num_blocks:
+            return max_seqlen_q
     blocks_used = (context_lens.long() + block_size - 1) // block_size  # (num_seqs,)
     used = torch.arange(max_blocks, device=q.device)[None, :] < blocks_used[:, None]  # (num_seqs, max_blocks)
     block_ids = block_tables[used]
     if block_ids.numel() > 0:
-        lo, hi = torch.stack(torch.aminmax(block_ids)).tolist()
+        lo, hi = value_range(block_ids)
         if lo < 0 or hi >= num_blocks:
             raise ValueError(
                 f"block_tables: expected block ids in [0, {num_blocks}) (num_blocks) in the blocks the "
                 f"contexts use, got ids from {lo} to {hi}"
             )
     return max_seqlen_q
-
-
-def _in_range(values: torch.Tensor, lo: int, hi: int) -> bool:
-    """Whether every element of a non-empty ``values`` lies in [lo, hi) (one host read)."""
-    least, most = torch.stack(torch.aminmax(values)).tolist()
-    return lo <= least and most < hi
 
 
 def _paged_attention_op(kernel: str, launch: Callable):
