@@ -51,7 +51,7 @@ def compiled(tmp_path_factory):
 
 
 def test_there_are_cuda_sources():
-    assert {s.name for s in SOURCES} >= {"norm.cu", "paged.cu"}
+    assert {s.name for s in SOURCES} >= {"norm.cu", "kv_cache.cu", "paged.cu"}
 
 
 @pytest.mark.parametrize("name", [s.name for s in SOURCES])

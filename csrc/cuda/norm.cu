@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include "../norm_checks.h"
+#include "pack.cuh"
 
 namespace llmfast {
 namespace {
@@ -23,12 +24,6 @@ namespace {
 constexpr int kMaxCachedCols = 8192;  // 32 KB of fp32 shared memory, under the 48 KB default limit
 constexpr int kMaxThreads = 1024;     // the hardware limit; not yet tuned on the H100
 constexpr int kWarp = 32;
-
-// kVec elements loaded or stored as one 16-byte access (kVec = 1: the scalar fallback).
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
 
 // Sum of v over the block, returned to every thread; blockDim.x must be a multiple of 32.
 // scratch: 32 floats of shared memory.
@@ -162,10 +157,6 @@ void launch(const scalar_t* x, const scalar_t* residual, const float* weight, co
         x, residual, weight, bias, y, h_out, n, eps, is_rms);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-bool aligned(const void* p, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;  // null counts as aligned
 }
 
 std::tuple<at::Tensor, at::Tensor> add_norm_cuda(

@@ -1,8 +1,7 @@
-// Paged KV cache on CUDA: write new tokens' keys/values into blocks, and attend over them.
-// Cache layout (num_blocks, block_size, kv_heads, head_dim), unit head_dim stride, k and v strided alike.
-// Attention: one thread block (CTA) per (query tile, split of the keys, kv head, chunk of the group's
-// query heads). A CTA's rows are (query token, query head) pairs of one kv head, so each K/V tile is read
-// from memory once, with 16-byte loads, for every query head of the group (of up to 64 heads: kWideRows).
+// Paged attention on CUDA: queries attend over a paged KV cache (cache_layout.cuh). One thread block
+// (CTA) per (query tile, split of the keys, kv head, chunk of the group's query heads). A CTA's rows are
+// (query token, query head) pairs of one kv head, so each K/V tile is read from memory once, with 16-byte
+// loads, for every query head of the group (of up to 64 heads: kWideRows).
 // A decode tile is one token (rows = the group's heads); a prefill tile is several tokens of one sequence.
 // Long contexts are split across CTAs (flash-decoding) when the other grid dimensions do not fill the GPU;
 // the splits' partial softmaxes are merged by a reduce kernel. Math in fp32 on CUDA cores: decode is
@@ -19,11 +18,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include "cache_layout.cuh"
 
 namespace llmfast {
 namespace {
 
-constexpr int kThreads = 128;        // 4 warps per write or reduce CTA; not yet tuned on the H100
+constexpr int kReduceThreads = 128;  // 4 warps per reduce CTA; not yet tuned on the H100
 constexpr int kMaxHeadDim = 256;     // as llmfast.ops.attention.MAX_HEAD_DIM
 constexpr int kMaxTileKeys = 32;     // keys per shared-memory tile (16 at head_dim > 128)
 // Query rows (token, head) per attention CTA. 16 rows serve groups of up to 16 heads (and prefill tiles
@@ -39,12 +39,6 @@ constexpr int kMaxSplits = 64;
 constexpr float kNoScore = -1e30f;   // finite running-max start: exp2f(-inf - kNoScore) is 0, not NaN
 constexpr float kLog2e = 1.4426950408889634f;
 
-// kVec elements loaded or stored as one 16-byte access (kVec = 1: the scalar fallback).
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
 // Threads of an attention CTA of `rows` rows: each holds rows * kMaxHeadDim / threads P @ V outputs in
 // registers, 32 at 16 rows and 64 at 64 rows.
 constexpr int attention_threads(int rows) {
@@ -56,35 +50,6 @@ constexpr int attention_threads(int rows) {
 // (CUDA 13.0, sm_90a) used fewer and spilled the 64-row kernel's accumulators inside the key loop.
 constexpr int attention_min_ctas(int rows) {
   return rows <= kNarrowRows ? 6 : 2;
-}
-
-struct CacheLayout {
-  int64_t stride_block, stride_slot, stride_head;  // elements; same for k_cache and v_cache
-  int block_size;
-};
-
-// k, v: (tokens, kv_heads, head_dim) contiguous. One CTA per token; slot -1 is skipped.
-template <typename T, int kVec>
-__global__ void write_kv_cache_kernel(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache,
-                                      T* __restrict__ v_cache, const int64_t* __restrict__ slot_mapping,
-                                      CacheLayout layout, int kv_heads, int head_dim) {
-  using VecT = Pack<T, kVec>;
-  const int64_t token = blockIdx.x;
-  const int64_t slot = slot_mapping[token];
-  if (slot < 0) {
-    return;
-  }
-  const int64_t block = slot / layout.block_size;
-  const int64_t offset = slot % layout.block_size;
-  const int n_vec = head_dim / kVec;
-  for (int i = threadIdx.x; i < kv_heads * n_vec; i += blockDim.x) {
-    const int head = i / n_vec;
-    const int d = (i % n_vec) * kVec;
-    const int64_t src = (token * kv_heads + head) * head_dim + d;
-    const int64_t dst = block * layout.stride_block + offset * layout.stride_slot + head * layout.stride_head + d;
-    *reinterpret_cast<VecT*>(k_cache + dst) = *reinterpret_cast<const VecT*>(k + src);
-    *reinterpret_cast<VecT*>(v_cache + dst) = *reinterpret_cast<const VecT*>(v + src);
-  }
 }
 
 struct AttentionParams {
@@ -312,75 +277,6 @@ __global__ void paged_attention_reduce_kernel(const float* __restrict__ part_acc
   }
 }
 
-bool aligned(const void* p, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
-// Whether 16-byte packs of kVec elements can address every (block, slot, head) row of the cache.
-bool cache_vectorizable(const at::Tensor& cache, int kVec) {
-  return cache.size(3) % kVec == 0 && cache.stride(0) % kVec == 0 && cache.stride(1) % kVec == 0 &&
-         cache.stride(2) % kVec == 0 && aligned(cache.const_data_ptr(), 16);
-}
-
-void check_cache(const char* op, const char* name, const at::Tensor& cache, const at::Tensor& like) {
-  TORCH_CHECK(cache.is_cuda() && cache.device() == like.device(), op, ": ", name, " must be on ", like.device(),
-              ", got ", cache.device());
-  TORCH_CHECK(cache.dim() == 4, op, ": ", name, " must be (num_blocks, block_size, kv_heads, head_dim), got ",
-              cache.sizes());
-  TORCH_CHECK(cache.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type(),
-              ", got ", cache.scalar_type());
-  // a size-1 head_dim may have any stride (torch calls such a tensor contiguous)
-  TORCH_CHECK(cache.size(3) == 1 || cache.stride(3) == 1, op, ": ", name,
-              " must have unit head_dim stride, got strides ", cache.strides());
-  TORCH_CHECK(cache.size(1) > 0 && cache.size(2) > 0, op, ": ", name,
-              " must have block_size and kv_heads above 0, got ", cache.sizes());
-}
-
-void write_kv_cache_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                         const at::Tensor& slot_mapping) {
-  constexpr const char* op = "write_kv_cache_cuda";
-  TORCH_CHECK(k.is_cuda() && k.dim() == 3 && k.is_contiguous(), op,
-              ": k must be a contiguous CUDA (tokens, kv_heads, head_dim) tensor, got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes() && v.is_contiguous() && v.scalar_type() == k.scalar_type() &&
-                  v.device() == k.device(), op, ": v must be contiguous and match k, got ", v.sizes());
-  check_cache(op, "k_cache", k_cache, k);
-  check_cache(op, "v_cache", v_cache, k);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(), op,
-              ": k_cache and v_cache must have the same shape and strides");
-  TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2), op,
-              ": caches must have k's kv_heads and head_dim, got ", k_cache.sizes());
-  TORCH_CHECK(slot_mapping.device() == k.device() && slot_mapping.scalar_type() == at::kLong &&
-                  slot_mapping.is_contiguous() && slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0),
-              op, ": slot_mapping must be a contiguous int64 (tokens,) tensor on k's device");
-  const int64_t tokens = k.size(0);
-  if (tokens == 0) {
-    return;  // a launch with an empty grid is an error
-  }
-  const c10::cuda::OptionalCUDAGuard device_guard(k.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const CacheLayout layout{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                           static_cast<int>(k_cache.size(1))};
-  const int kv_heads = static_cast<int>(k.size(1));
-  const int head_dim = static_cast<int>(k.size(2));
-  AT_DISPATCH_V2(k.scalar_type(), "write_kv_cache_cuda", AT_WRAP([&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vectorized = cache_vectorizable(k_cache, kVec) && aligned(v_cache.const_data_ptr(), 16) &&
-                            aligned(k.const_data_ptr(), 16) && aligned(v.const_data_ptr(), 16);
-    auto launch = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-          k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), k_cache.mutable_data_ptr<scalar_t>(),
-          v_cache.mutable_data_ptr<scalar_t>(), slot_mapping.const_data_ptr<int64_t>(), layout, kv_heads,
-          head_dim);
-    };
-    if (vectorized) {
-      launch(write_kv_cache_kernel<scalar_t, kVec>);
-    } else {
-      launch(write_kv_cache_kernel<scalar_t, 1>);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }), at::kFloat, at::kHalf, at::kBFloat16);
-}
-
 // Splits of each context so that CTAs x splits fill the GPU's SMs; 1 (a single pass, no reduce) when the
 // other grid dimensions already do. From shapes only (max_keys bounds every context), so a decode step
 // can be captured in a CUDA graph.
@@ -413,10 +309,7 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   constexpr const char* op = "paged_attention_cuda";
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), op,
               ": q must be a contiguous CUDA (total_q, heads, head_dim) tensor, got ", q.sizes());
-  check_cache(op, "k_cache", k_cache, q);
-  check_cache(op, "v_cache", v_cache, q);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(), op,
-              ": k_cache and v_cache must have the same shape and strides");
+  check_caches(op, k_cache, v_cache, q);
   const int heads = static_cast<int>(q.size(1));
   const int head_dim = static_cast<int>(q.size(2));
   const int kv_heads = static_cast<int>(k_cache.size(2));
@@ -451,7 +344,7 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   p.block_tables = block_tables.const_data_ptr<int>();
   p.context_lens = context_lens.const_data_ptr<int>();
   p.cu_seqlens_q = decode ? nullptr : cu_seqlens_q->const_data_ptr<int>();
-  p.layout = CacheLayout{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), static_cast<int>(k_cache.size(1))};
+  p.layout = cache_layout(k_cache);
   p.num_seqs = static_cast<int>(num_seqs);
   p.heads = heads;
   p.kv_heads = kv_heads;
@@ -510,7 +403,7 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (p.num_splits > 1) {
-      paged_attention_reduce_kernel<scalar_t><<<static_cast<unsigned>(total_q * heads), kThreads, 0, stream>>>(
+      paged_attention_reduce_kernel<scalar_t><<<static_cast<unsigned>(total_q * heads), kReduceThreads, 0, stream>>>(
           p.part_acc, p.part_max, p.part_sum, out.mutable_data_ptr<scalar_t>(), p.num_splits, head_dim);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -521,15 +414,12 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmfast, m) {
-  // Same contracts as write_kv_cache_cpu and paged_attention_cpu (see csrc/ops.cpp), for CUDA tensors.
-  m.def("write_kv_cache_cuda(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping)"
-        " -> ()");
+  // Same contract as paged_attention_cpu (see csrc/ops.cpp), for CUDA tensors.
   m.def("paged_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables,"
         " Tensor context_lens, Tensor? cu_seqlens_q, float softmax_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmfast, CUDA, m) {
-  m.impl("write_kv_cache_cuda", &write_kv_cache_cuda);
   m.impl("paged_attention_cuda", &paged_attention_cuda);
 }
 
