@@ -17,13 +17,15 @@ inline Isa pick_isa(c10::string_view name, const char* op) {
   }
 #if defined(__x86_64__)
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // and F16C, which paged.cpp's copy widens fp16 with (every AVX2 CPU so far has it)
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
   if (name == "avx512" || (name == "auto" && avx512)) {
     TORCH_CHECK(avx512, op, ": isa='avx512' needs AVX-512F and FMA, which this CPU lacks");
     return Isa::kAvx512;
   }
   if (name == "avx2" || (name == "auto" && avx2)) {
-    TORCH_CHECK(avx2, op, ": isa='avx2' needs AVX2 and FMA, which this CPU lacks");
+    TORCH_CHECK(avx2, op, ": isa='avx2' needs AVX2, FMA and F16C, which this CPU lacks");
     return Isa::kAvx2;
   }
 #endif

@@ -65,7 +65,7 @@ __attribute__((target("avx512f,fma"))) void tasks_avx512(const Work<scalar_t>& w
 }
 
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void tasks_avx2(const Work<scalar_t>& w, int64_t begin, int64_t end) {
+__attribute__((target("avx2,fma,f16c"))) void tasks_avx2(const Work<scalar_t>& w, int64_t begin, int64_t end) {
   run_tasks<scalar_t, 8>(w, begin, end);
 }
 #endif

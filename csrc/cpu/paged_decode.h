@@ -1,7 +1,8 @@
 // Decode on CPU (attend_decode): one task per sequence (per range of its kv heads when there are fewer
 // sequences than threads), two passes over its slots: scores of every head, then one softmax and one weighted
-// sum of the values. fp32 and bf16 caches are read in place (widening bf16 through a scratch copy ran 32/8,
-// D128 decode of 32 x 256 tokens about 1.3x slower). The scores of 16 keys are summed across lanes together
+// sum of the values. Caches are read in place, fp16 ones in the AVX-512 and AVX2 copies (row_t): widening
+// through a scratch copy ran 32/8, D128 decode of 32 x 256 tokens about 1.3x slower in bf16 and 1.15-1.32x
+// in fp16 (1.17-1.78x at 1 x 4096), single-threaded. The scores of 16 keys are summed across lanes together
 // (hsum.h): one key at a time, through the stack, float32 decode at head_dim 64 ran 0.43-0.78x SDPA on the
 // same contiguous K/V, now 0.78-1.38x (three runs).
 #pragma once
@@ -55,7 +56,7 @@ inline __attribute__((always_inline)) void attend_decode(const PagedArgs& a, con
   float* scores = scratch.data();           // (H, context)
   float* q_rows = scores + H * context;     // (H, D), pre-scaled
   float* acc = q_rows + H * D;              // (H, D)
-  float* widened = acc + H * D;             // (kKeyStep, D): a step's fp16 cache rows
+  float* widened = acc + H * D;             // (kKeyStep, D): a step's fp16 cache rows (baseline copy)
   float* inv_sum = widened + kKeyStep * D;  // (H,): 1 / the sum of each head's exps
   float* ones = inv_sum + H;                // (group,): the values' rescale, none in decode
   widen(q_rows, x.q + (seq * a.heads + first_head) * D, H * D);
@@ -64,11 +65,11 @@ inline __attribute__((always_inline)) void attend_decode(const PagedArgs& a, con
   }
   const int32_t* table = a.block_tables + seq * a.max_blocks;
   int64_t slots[kKeyStep];
-  const row_t<scalar_t>* rows[kKeyStep];
+  const row_t<scalar_t, V>* rows[kKeyStep];
   for (int64_t start = 0; start < context; start += kKeyStep) {
     const int64_t n = step_slots(a, table, start, context, slots);
     for (int64_t kv = kv_begin; kv < kv_end; ++kv) {
-      step_rows_in_place(x.k_cache, slots, n, kv * a.cache_stride_head, D, widened, rows);
+      step_rows_in_place<V>(x.k_cache, slots, n, kv * a.cache_stride_head, D, widened, rows);
       for (int64_t h = (kv - kv_begin) * group; h < (kv - kv_begin + 1) * group; ++h) {
         row_scores<V>(q_rows + h * D, rows, D, n, scores + h * context + start);
       }
@@ -111,7 +112,7 @@ inline __attribute__((always_inline)) void attend_decode(const PagedArgs& a, con
   for (int64_t start = 0; start < context; start += kKeyStep) {
     const int64_t n = step_slots(a, table, start, context, slots);
     for (int64_t kv = kv_begin; kv < kv_end; ++kv) {
-      step_rows_in_place(x.v_cache, slots, n, kv * a.cache_stride_head, D, widened, rows);
+      step_rows_in_place<V>(x.v_cache, slots, n, kv * a.cache_stride_head, D, widened, rows);
       const int64_t h = (kv - kv_begin) * group;
       rows_values<V>(scores + h * context + start, context, ones, rows, n, D, acc + h * D, group);
     }

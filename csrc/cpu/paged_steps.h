@@ -73,10 +73,13 @@ inline __attribute__((always_inline)) int64_t step_slots(const PagedArgs& a, con
   return n;
 }
 
-// The element type decode reads a cache's rows as, in place: fp32 and bf16 rows are (bf16 widens in
-// registers, see load_vec), fp16 rows are widened into a scratch copy first.
-template <typename scalar_t>
-using row_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, float>;
+// The element type decode reads a cache's rows as, in place, in the kernel copy of V float lanes: fp32 and bf16
+// rows are (bf16 widens in registers, see load_vec), fp16 rows too where the copy can widen them with one
+// instruction (AVX-512, AVX2 + F16C); the baseline copy widens fp16 rows into a scratch copy first.
+template <typename scalar_t, int V>
+using row_t = std::conditional_t<std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
+                                     (std::is_same_v<scalar_t, c10::Half> && V >= 8),
+                                 scalar_t, float>;
 
 // V fp32 lanes from bf16 values: a bf16 is the upper half of an fp32's bits. (hsum.h loads fp32 ones.)
 using ::llmfast::load_vec;
@@ -96,6 +99,38 @@ inline __attribute__((always_inline)) vec_t<V> load_vec(const c10::BFloat16* p) 
   return v;
 }
 
+#if defined(__x86_64__)
+// 16 and 8 fp16 values widened by one vcvtph2ps. Not always_inline: an always_inline function with target
+// options cannot be inlined into load_vec, which has none; GCC inlines these into the kernel copies of
+// their instruction set once load_vec is inlined there (no call is left in the build: check with objdump).
+// GCC 12's __builtin_convertvector of _Float16 vectors converts lane by lane (or calls libgcc).
+__attribute__((target("avx512f"))) inline vec_t<16> widen_half16(const c10::Half* p) {
+  // all 16 lanes; _mm512_cvtph_ps's undefined pass-through draws a false -Wmaybe-uninitialized from GCC 12
+  const __m512 v = _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  vec_t<16> out;
+  std::memcpy(&out, &v, sizeof(out));
+  return out;
+}
+
+__attribute__((target("avx,f16c"))) inline vec_t<8> widen_half8(const c10::Half* p) {
+  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  vec_t<8> out;
+  std::memcpy(&out, &v, sizeof(out));
+  return out;
+}
+
+// V fp32 lanes from fp16 values, in the copies whose row_t keeps fp16 rows.
+template <int V>
+inline __attribute__((always_inline)) vec_t<V> load_vec(const c10::Half* p) {
+  static_assert(V == 16 || V == 8, "the baseline copy reads fp16 rows widened into scratch (row_t)");
+  if constexpr (V == 16) {
+    return widen_half16(p);
+  } else {
+    return widen_half8(p);
+  }
+}
+#endif
+
 // rows[t]: the cache row of slots[t] (+ head_offset) widened (or copied) into scratch (kKeyStep, D) as fp32,
 // the n rows in the context read, the rest repeating the last of them. Chunked prefill reads rows this way:
 // its row blocks read each step's values many times, and rows a slot apart (4 KB at 8 kv heads of 128) share
@@ -111,13 +146,13 @@ inline __attribute__((always_inline)) void step_rows(const scalar_t* cache, cons
   std::fill(rows + n, rows + kKeyStep, rows[n - 1]);
 }
 
-// As step_rows, but fp32 and bf16 rows are read in place, as row_t; for decode, which reads each row once
-// per head.
-template <typename scalar_t>
+// As step_rows, but the rows that row_t keeps are read in place; for decode, which reads each row once per
+// head.
+template <int V, typename scalar_t>
 inline __attribute__((always_inline)) void step_rows_in_place(const scalar_t* cache, const int64_t* slots, int64_t n,
                                                               int64_t head_offset, int64_t D, float* scratch,
-                                                              const row_t<scalar_t>** rows) {
-  if constexpr (!std::is_same_v<scalar_t, row_t<scalar_t>>) {
+                                                              const row_t<scalar_t, V>** rows) {
+  if constexpr (!std::is_same_v<scalar_t, row_t<scalar_t, V>>) {
     step_rows(cache, slots, n, head_offset, D, scratch, rows);
   } else {
     for (int64_t t = 0; t < n; ++t) {
