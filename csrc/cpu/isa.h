@@ -1,6 +1,6 @@
 // Which instruction-set copy of a CPU kernel to run: the widest this CPU has ("auto"), or the one named
 // (the narrower ones are there to be tested on a CPU that has the wider ones). Shared by the kernels
-// compiled several times under target attributes (quant_matmul.cpp, packed_linear.cpp).
+// compiled several times under target attributes (quant_matmul.cpp, packed_linear.cpp, paged.cpp).
 #pragma once
 
 #include <c10/util/Exception.h>
