@@ -5,8 +5,10 @@ import glob
 import importlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -56,6 +58,29 @@ def test_built_packages_map_kernels_to_llmfast_kernels(tmp_path):
     top = sorted(p.name for p in tmp_path.iterdir())
     assert top == ["llmfast", "llmfast_benchmarks", "llmfast_kernels"], top
     assert (tmp_path / "llmfast_kernels" / "norm.py").exists()
+
+
+
+def test_source_distribution_carries_every_source_the_build_and_tests_need(tmp_path):
+    """An sdist builds the extensions on the installing machine: setuptools alone packs only the .cpp/.cu
+    files of the extensions it would build where it packs (no CUDA sources on a CPU machine) and no headers,
+    so a wheel could not be built from it (the .cpp files include headers it left out). MANIFEST.in adds them."""
+    # from a copy without the checkout's egg-info: sdist also packs whatever an earlier SOURCES.txt there lists
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+        ".git", "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache", "*.so", ".whl", "results"))
+    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+                            cwd=tree, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (archive,) = tmp_path.glob("llmfast-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        packed = {pathlib.PurePosixPath(name).relative_to(pathlib.PurePosixPath(name).parts[0]).as_posix()
+                  for name in tar.getnames() if "/" in name}
+    needed = [p for p in ROOT.glob("csrc/**/*") if p.is_file()] + list(ROOT.glob("tests/*.py"))
+    needed += [ROOT / "requirements.txt", ROOT / "requirements-test.txt"]
+    names = (p.relative_to(ROOT).as_posix() for p in needed)
+    missing = sorted(name for name in names if name not in packed)
+    assert not missing, missing
 
 
 EXTENSION_SOURCES = {  # as setup.py globs them
