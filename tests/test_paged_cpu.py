@@ -80,3 +80,19 @@ def test_unknown_instruction_set_is_refused():
     _, _, k_cache, v_cache, block_tables = _paged_cache([3], 16, 2, 64, torch.float32)
     with pytest.raises(RuntimeError, match="isa must be"):
         _run("sse9", _randn(1, 4, 64), k_cache, v_cache, block_tables, [3], None)
+
+
+def test_fp16_rows_widen_inside_the_kernel_copies():
+    """csrc/cpu/paged_steps.h's widen_half16/8 cannot be forced inline (they carry target options that load_vec
+    lacks); GCC inlines them into the AVX-512 and AVX2 copies, where a call per 16 or 8 values would cost more
+    than the conversion. An out-of-line copy of either would show up as a symbol of llmfast._C."""
+    import shutil
+    import subprocess
+
+    import llmfast._C
+
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) is not installed")
+    symbols = subprocess.run(["nm", "-C", llmfast._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "paged_attention_cpu" in symbols  # the listing is of the right library
+    assert "widen_half" not in symbols
