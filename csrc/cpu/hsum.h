@@ -7,26 +7,12 @@
 // whole 128-bit blocks.
 #pragma once
 
+#include "simd.h"
+
 #include <cstring>
 #include <utility>
 
 namespace llmfast {
-
-#pragma GCC diagnostic ignored "-Wpsabi"  // always inlined into the kernel copies; see vec16.h
-
-template <int V>
-struct Vec {
-  typedef float type __attribute__((vector_size(4 * V)));
-};
-template <int V>
-using vec_t = typename Vec<V>::type;
-
-template <int V>
-inline __attribute__((always_inline)) vec_t<V> load_vec(const float* p) {
-  vec_t<V> v;
-  std::memcpy(&v, p, sizeof(v));  // an unaligned vector load
-  return v;
-}
 
 // The lane of (a, b) (b's lanes numbered from V) that lane ``lane`` of the lower (upper = 0) or upper
 // (upper = 1) shuffle of a fold takes:

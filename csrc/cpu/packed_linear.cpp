@@ -9,6 +9,7 @@
 // quant_matmul.cpp; the widest the CPU has runs.
 #include "ops.h"
 #include "isa.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cstring>
@@ -16,8 +17,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
-
-#pragma GCC diagnostic ignored "-Wpsabi"  // vector helpers are always inlined into the target kernels
 
 namespace llmfast {
 namespace {
@@ -29,18 +28,6 @@ constexpr int64_t kRowBlockBytes = 256 << 10;  // x rows per block: this many by
 constexpr int64_t kMaxPanelRows = 2048;
 constexpr int64_t kMaxKBlock = 1024;
 constexpr int64_t kGrainMacs = 1 << 17;     // multiply-adds per parallel task at least
-
-template <int V>
-struct Vec {
-  typedef float f __attribute__((vector_size(4 * V)));
-};
-
-template <typename T>
-inline __attribute__((always_inline)) T load(const float* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
 
 struct Args {
   const float* x;       // (M, K)

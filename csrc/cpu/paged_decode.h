@@ -81,7 +81,7 @@ inline __attribute__((always_inline)) void attend_decode(const PagedArgs& a, con
     f32x16 lane_max = f32x16{} - std::numeric_limits<float>::infinity();
     int64_t t = 0;
     for (; t + kKeyStep <= context; t += kKeyStep) {
-      const f32x16 st = load16(s + t);
+      const f32x16 st = load_vec<16>(s + t);
       lane_max = st > lane_max ? st : lane_max;
     }
     float max_score = -std::numeric_limits<float>::infinity();
@@ -93,7 +93,7 @@ inline __attribute__((always_inline)) void attend_decode(const PagedArgs& a, con
     }
     f32x16 lane_sum = {};
     for (t = 0; t + kKeyStep <= context; t += kKeyStep) {
-      const f32x16 e = exp16(load16(s + t) - max_score);
+      const f32x16 e = exp16(load_vec<16>(s + t) - max_score);
       std::memcpy(s + t, &e, sizeof(e));
       lane_sum += e;
     }

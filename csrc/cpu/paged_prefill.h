@@ -22,7 +22,7 @@ template <int64_t R>
 inline __attribute__((always_inline)) void step_scores(const float* q, const float* kt, int64_t D, float* s) {
   f32x16 acc[R] = {};
   for (int64_t d = 0; d < D; ++d) {
-    const f32x16 k = load16(kt + d * kKeyStep);
+    const f32x16 k = load_vec<16>(kt + d * kKeyStep);
     for (int64_t r = 0; r < R; ++r) {
       acc[r] += q[r * D + d] * k;
     }
@@ -44,7 +44,7 @@ inline __attribute__((always_inline)) void step_softmax(float* s, int64_t m, con
   for (int64_t i = 0; i < kKeyStep; ++i) {
     if (i < m) {
       float* p = s + i * kKeyStep;
-      const f32x16 scores = kLaneIndex < static_cast<float>(visible[i]) ? load16(p) : f32x16{} - inf;
+      const f32x16 scores = kLaneIndex < static_cast<float>(visible[i]) ? load_vec<16>(p) : f32x16{} - inf;
       std::memcpy(p, &scores, sizeof(scores));
       parts[i] = combine16<V, Max>(p);
       old_max[i] = row_max[i];
@@ -55,13 +55,13 @@ inline __attribute__((always_inline)) void step_softmax(float* s, int64_t m, con
   }
   float maxima[kKeyStep];
   reduce16<V, Max>(parts, maxima);
-  const f32x16 step_max = load16(maxima), new_max = step_max > old_max ? step_max : old_max;
+  const f32x16 step_max = load_vec<16>(maxima), new_max = step_max > old_max ? step_max : old_max;
   // A row that sees nothing keeps its max (perhaps still -inf, where the exp would be NaN).
   const f32x16 factor = seen > 0.f ? exp16(old_max - new_max) : f32x16{} + 1.f;
   for (int64_t i = 0; i < kKeyStep; ++i) {
     if (i < m) {
       float* p = s + i * kKeyStep;
-      const f32x16 e = exp16(load16(p) - new_max[i]);
+      const f32x16 e = exp16(load_vec<16>(p) - new_max[i]);
       const f32x16 probs = kLaneIndex < seen[i] ? e : f32x16{};
       std::memcpy(p, &probs, sizeof(probs));
       parts[i] = combine16<V, Add>(p);

@@ -4,6 +4,8 @@
 // own width from this one source; everything here is always inlined into those copies.
 #pragma once
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -13,27 +15,9 @@
 namespace llmfast {
 namespace quant {
 
-// The helpers take and return AVX vectors although they are compiled for the baseline; GCC warns that
-// such calls change the ABI. They are always inlined into the target-attributed kernels, so no call
-// crosses that boundary.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 // Output columns per tile. Two keep an 8-row AVX-512 tile (16 accumulators, plus each column's codes,
 // scales, zeros and dequantized weights) inside the 32 vector registers.
 constexpr int kCols = 2;
-
-template <int V>
-struct Vec {
-  typedef float f __attribute__((vector_size(4 * V)));
-  typedef int32_t i __attribute__((vector_size(4 * V)));
-};
-
-template <typename T>
-LLMFAST_ALWAYS_INLINE T load(const void* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));  // an unaligned vector load
-  return v;
-}
 
 // Lane l of the result is v[index[l]].
 template <typename vf, typename vi>

@@ -3,31 +3,24 @@
 // compiled for the baseline, AVX2 and AVX-512.
 #pragma once
 
+#include "simd.h"
+
 #include <cstdint>
 #include <cstring>
 
 namespace llmfast {
 
-// GCC vector extensions: one AVX-512 register, two AVX2 ones or four SSE ones, as each clone of the kernel
-// compiles it (the helpers are always inlined into the clones, so no call passes these types across
-// an instruction-set boundary; GCC's ABI note about that is silenced).
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float f32x16 __attribute__((vector_size(64)));
+// One AVX-512 register, two AVX2 ones or four SSE ones, as each copy of a kernel compiles it (simd.h).
+using f32x16 = vec_t<16>;
 
 constexpr f32x16 kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-inline __attribute__((always_inline)) f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));  // an unaligned vector load
-  return v;
-}
 
 // exp of each lane, within 2 ulp of std::exp for x in [-87, 88] (below: exp(-87), ~1e-38, where a probability
 // next to the row's maximum, exp(0) = 1, has no visible share anyway). exp(x) = 2^n * exp(r) with
 // n = round(x / ln 2) and |r| <= ln(2) / 2, where a degree-7 Taylor polynomial is exact to 5e-9.
 // One std::exp per score cost as much as the dot products.
 inline __attribute__((always_inline)) f32x16 exp16(f32x16 x) {
-  typedef int32_t i32x16 __attribute__((vector_size(sizeof(f32x16))));
+  using i32x16 = Vec<16>::i;
   const f32x16 lo = f32x16{} - 87.f, hi = f32x16{} + 88.f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
