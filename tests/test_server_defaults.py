@@ -73,6 +73,10 @@ def test_a_default_max_tokens_that_cannot_fit_names_why():
         engine._fit(params, 64)
     with pytest.raises(ValueError, match="min_tokens: the prompt leaves room for 4 tokens of the model's 64"):
         engine._fit(params, 60)
+    unbounded = SamplingParams(max_tokens=None, min_tokens=10)  # a chat without max_tokens: to the model's length
+    assert engine._fit(unbounded, 54) is unbounded
+    with pytest.raises(ValueError, match="min_tokens: the prompt leaves room for 9 tokens of the model's 64"):
+        engine._fit(unbounded, 55)
 
 
 def test_a_chat_without_max_tokens_runs_to_the_model_length_under_a_larger_max_new_tokens(checkpoint, tmp_path):

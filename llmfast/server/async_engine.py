@@ -204,11 +204,11 @@ class AsyncEngine:
         if room < 1:
             raise ValueError(f"this model's maximum context length is {limit} tokens, and the prompt has "
                              f"{prompt_len}: no room is left for a completion")
-        if params.max_tokens is None or params.max_tokens <= room:
-            return params
-        if params.min_tokens > room:
+        if params.min_tokens > room:  # also where max_tokens is None (a chat runs to the model's length)
             raise ValueError(f"min_tokens: the prompt leaves room for {room} tokens of the model's {limit}, "
                              f"fewer than min_tokens={params.min_tokens}")
+        if params.max_tokens is None or params.max_tokens <= room:
+            return params
         return replace(params, max_tokens=room)
 
     def _publish(self) -> None:
