@@ -80,6 +80,7 @@ def test_a_default_max_tokens_that_cannot_fit_names_why():
 
 
 def test_a_chat_without_max_tokens_runs_to_the_model_length_under_a_larger_max_new_tokens(checkpoint, tmp_path):
+    """And so does a completion whose max_tokens is null."""
     from fastapi.testclient import TestClient
 
     from llmfast.server.app import build_app
@@ -97,3 +98,11 @@ def test_a_chat_without_max_tokens_runs_to_the_model_length_under_a_larger_max_n
         assert response.json()["choices"][0]["finish_reason"] == "length"
         response = http.post("/v1/chat/completions", json=dict(chat, max_tokens=100000))
         assert response.status_code == 400 and "maximum context length" in response.text
+        # a completion's max_tokens: absent, OpenAI's 16; null, as a chat's absent one (vLLM)
+        completion = {"model": MODEL, "prompt": "hi", "temperature": 0, "ignore_eos": True}
+        usage = http.post("/v1/completions", json=completion).json()["usage"]
+        assert usage["completion_tokens"] == 16
+        response = http.post("/v1/completions", json=dict(completion, max_tokens=None))
+        assert response.status_code == 200, response.text
+        usage = response.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 64

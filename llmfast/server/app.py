@@ -125,7 +125,7 @@ def build_app(llm: LLM, model_name: str) -> FastAPI:
             params = body.sampling_params(body.max_tokens, body.logprobs, llm.sampling_defaults)
         except ValueError as exc:
             raise APIError.bad_value(exc, body) from None
-        request = await submit(body, prompts, params, add_special_tokens=True)
+        request = await submit(body, prompts, params, add_special_tokens=True, cap_max_tokens=body.max_tokens is None)
         offsets: dict[int, int] = {}  # per choice, the length of its text so far (logprobs' text_offset)
 
         def choice(index: int, out: CompletionOutput) -> dict:

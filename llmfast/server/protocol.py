@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -26,11 +26,15 @@ EXPECTED = {
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True)  # unknown fields are ignored, as vLLM does
 
+    null_kept: ClassVar[tuple[str, ...]] = ()  # fields whose null means something other than their default
+
     @model_validator(mode="before")
     @classmethod
     def _null_is_the_default(cls, data: Any) -> Any:
         """OpenAI's fields are "... or null": a null field takes its default (a required one stays missing)."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k in cls.null_kept}
 
 
 class StreamOptions(_Strict):
@@ -65,7 +69,7 @@ class SamplingFields(_Strict):
         """``SamplingParams`` from the fields that were given; the others take the model's ``defaults`` (from
         its generation_config.json, as vLLM's server) or else SamplingParams'. ``max_tokens`` None (a chat that
         sets neither max_tokens nor max_completion_tokens) takes its max_new_tokens, else runs up to the model's
-        length; a completion's max_tokens defaults to 16 (OpenAI's and vLLM's). Raises ValueError naming the
+        length; a completion's max_tokens defaults to 16 (OpenAI's and vLLM's) and may be null, as a chat's absent one. Raises ValueError naming the
         field for out-of-range values and for what llmfast does not support."""
         if self.logit_bias:
             raise ValueError("logit_bias: not supported by llmfast")
@@ -90,8 +94,11 @@ class SamplingFields(_Strict):
 
 
 class CompletionRequest(SamplingFields):
+    # max_tokens left out: OpenAI's default of 16; null: no limit but the model's length (as vLLM)
+    null_kept: ClassVar[tuple[str, ...]] = ("max_tokens",)
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
