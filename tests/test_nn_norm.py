@@ -52,6 +52,21 @@ def test_rms_norm_default_eps_in_half_precision_is_float32s(backend, dtype):
     torch.testing.assert_close(ours(x).float(), theirs(x).float(), rtol=2 ** -7, atol=0)
 
 
+@pytest.mark.parametrize("ours_cls, theirs_cls", [
+    (llmfast.nn.LayerNorm, torch.nn.LayerNorm), (llmfast.nn.RMSNorm, torch.nn.RMSNorm),
+])
+def test_norms_are_torchs_classes_and_reset_like_them(ours_cls, theirs_cls):
+    """Code that finds norms by type (HF Trainer's weight-decay groups, ``_init_weights``) must find ours."""
+    ours = _randomize(ours_cls(8))
+    assert isinstance(ours, theirs_cls)
+    ours.reset_parameters()
+    theirs = theirs_cls(8)
+    for (name, p), (their_name, q) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+        assert name == their_name
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert ours(torch.randn(2, 8)).shape == (2, 8)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_add_modules_return_norm_of_the_sum_and_the_sum(backend):
     require_backend(backend, "add_rms_norm", torch.device("cpu"))

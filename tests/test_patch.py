@@ -243,6 +243,23 @@ def test_patching_twice_changes_nothing_more_and_the_model_pickles(family):
     assert list(patched.state_dict()) == list(ref.state_dict())
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_trainer_decays_the_same_parameters_after_patching(family):
+    """HF Trainer leaves norms out of weight decay by type (``nn.LayerNorm``) or by name; GPT-2's ``ln_1``
+    is found only by type, so a patched model must keep ``nn.LayerNorm`` instances there."""
+    trainer = pytest.importorskip("transformers.trainer")
+    ref = tiny_model(family)
+    decayed = trainer.Trainer.get_decay_parameter_names  # what create_optimizer groups by; ``self`` is unused
+    assert decayed(None, patch(copy.deepcopy(ref))) == decayed(None, ref)
+
+
+def test_int4_names_the_layers_it_cannot_pack():
+    model = tiny_model("llama", hidden_size=60, intermediate_size=96, num_attention_heads=3, num_key_value_heads=1)
+    with pytest.warns(UserWarning, match=r"^quantize: 12 linear layers kept in full precision: .*\(60\) are not"):
+        patch(model, quantize=4)
+    assert sum(type(m).__name__ == "QuantLinear" for m in model.modules()) == 2  # the down projections
+
+
 def test_other_instances_are_unaffected():
     config = transformers.AutoConfig.for_model(**FAMILIES["bert"])
     first, second = transformers.BertModel(config), transformers.BertModel(config)  # one shared config object

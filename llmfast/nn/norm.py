@@ -25,7 +25,9 @@ class _NormBase(torch.nn.Module):
     """Normalises the trailing ``normalized_shape`` dims, flattened into one hidden dim."""
 
     def __init__(self, shape_name, normalized_shape, eps, elementwise_affine, bias, device, dtype, backend):
-        super().__init__()
+        # not super(): LayerNorm and RMSNorm below are also torch's classes, whose __init__ this one stands in for
+        # (it sets the same attributes and parameters)
+        torch.nn.Module.__init__(self)
         self.normalized_shape = _as_shape(shape_name, normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
@@ -97,10 +99,13 @@ def _as_torch_under_cuda_autocast(x: torch.Tensor, aten_op: str) -> torch.Tensor
     return x
 
 
-class LayerNorm(FusedAddLayerNorm):
+class LayerNorm(FusedAddLayerNorm, torch.nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm`` (parameters ``weight`` and ``bias``). Inside CUDA autocast it
     returns float32 for a float16/bfloat16 input, as torch's (``layer_norm`` is on autocast's float32 list;
-    CPU autocast keeps the input dtype)."""
+    CPU autocast keeps the input dtype).
+
+    A subclass of ``torch.nn.LayerNorm``, so code that finds norms by type treats it as one: Hugging Face's
+    Trainer leaves LayerNorm weights out of weight decay that way, and ``_init_weights`` resets them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(_as_torch_under_cuda_autocast(x, "aten::layer_norm"))[0]
@@ -126,10 +131,10 @@ class FusedAddRMSNorm(_NormBase):
         return y.view(shape), h.view(shape)
 
 
-class RMSNorm(FusedAddRMSNorm):
-    """Drop-in for ``torch.nn.RMSNorm`` and HF ``LlamaRMSNorm`` (parameter ``weight``). Inside CUDA autocast
-    it returns what torch's returns: float32 for a float16/bfloat16 input where ``rms_norm`` is on
-    autocast's float32 list (torch 2.12 on), the input dtype before."""
+class RMSNorm(FusedAddRMSNorm, torch.nn.RMSNorm):
+    """Drop-in for ``torch.nn.RMSNorm`` and HF ``LlamaRMSNorm`` (parameter ``weight``), and a subclass of
+    ``torch.nn.RMSNorm``. Inside CUDA autocast it returns what torch's returns: float32 for a float16/bfloat16
+    input where ``rms_norm`` is on autocast's float32 list (torch 2.12 on), the input dtype before."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(_as_torch_under_cuda_autocast(x, "aten::rms_norm"))[0]
