@@ -215,8 +215,12 @@ def test_bias_fields_a_family_ignores_are_ignored(tmp_path, family):
         torch.testing.assert_close(out, hf(input_ids=ids).logits, atol=ATOL, rtol=0)
 
 
-def test_bert_loads_from_a_pretraining_head_checkpoint(tmp_path):
-    hf = tiny_checkpoint(tmp_path, auto_class="AutoModelForMaskedLM", **BERT)  # "bert." prefix, "cls." head
+@pytest.mark.parametrize("auto_class", [
+    "AutoModelForMaskedLM", "AutoModelForSequenceClassification", "AutoModelForQuestionAnswering",
+])
+def test_bert_loads_from_a_task_head_checkpoint(tmp_path, auto_class):
+    """BertFor* checkpoints: the "bert." prefix, and a head ("cls.", "classifier.", "qa_outputs.") left out."""
+    hf = tiny_checkpoint(tmp_path, auto_class=auto_class, **BERT)
     ids = torch.randint(0, VOCAB, (2, 7))
     model = load_model(tmp_path)
     with torch.no_grad():

@@ -38,6 +38,12 @@ def test_tied_embeddings_share_one_parameter(tmp_path, family, embedding):
     save_file({**tensors, "lm_head.weight": torch.zeros_like(tensors[embedding])}, tmp_path / "model.safetensors")
     model = load_model(tmp_path)
     assert model.lm_head.weight is model.get_parameter(embedding) and (model.lm_head.weight != 0).any()
+    # and some store it only under the head's name: transformers loads that into the tied pair
+    save_file({**{k: v for k, v in tensors.items() if k != embedding}, "lm_head.weight": tensors[embedding]},
+              tmp_path / "model.safetensors")
+    model = load_model(tmp_path)
+    assert model.lm_head.weight is model.get_parameter(embedding)
+    torch.testing.assert_close(model.lm_head.weight, tensors[embedding], atol=0, rtol=0)
 
 
 def test_untied_lm_head_is_its_own_parameter(tmp_path):
@@ -93,6 +99,7 @@ LOADER_ERRORS = {
     "shape mismatch": (lambda d: _edit_tensors(d, lambda t: t.update({"model.norm.weight": torch.ones(3)})),
                        ValueError, r"model.norm.weight has shape \(3,\).*\(64,\)"),
     "zero heads": (lambda d: _edit_config(d, num_attention_heads=0), ValueError, "num_attention_heads must be"),
+    "head_dim over 256": (lambda d: _edit_config(d, head_dim=320), ValueError, "config.json: head_dim 320 .* over 256"),
     "truncated weights": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
                           ValueError, "model.safetensors: not a readable safetensors file"),
 }

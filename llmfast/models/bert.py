@@ -27,7 +27,9 @@ _LAYER_NAMES = {
     "output.dense": "output",
     "output.LayerNorm": "output_norm",
 }
-_UNUSED = ("embeddings.position_ids", "embeddings.token_type_ids", "pooler.", "cls.")
+# buffers, and the heads of BertFor* checkpoints (pretraining, classification, question answering), which
+# BertModel does not have, as transformers' AutoModel leaves them out
+_UNUSED = ("embeddings.position_ids", "embeddings.token_type_ids", "pooler.", "cls.", "classifier.", "qa_outputs.")
 
 
 @dataclass

@@ -135,7 +135,7 @@ class GPT2LMHeadModel(CausalLM):
 
     def load_hf_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         """A checkpoint tensor as (parameter name, value), or None for one this model does not use."""
-        if name.endswith(_UNUSED) or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+        if name.endswith(_UNUSED):
             return None
         if not name.startswith(("transformer.", "lm_head.")):  # saved from GPT2Model, as openai-community/gpt2
             name = "transformer." + name

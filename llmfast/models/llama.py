@@ -170,6 +170,4 @@ class LlamaForCausalLM(CausalLM):
         """A checkpoint tensor as (parameter name, value), or None for one this model does not use."""
         if name.endswith("rotary_emb.inv_freq"):  # saved by old transformers; recomputed here
             return None
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            return None
         return name, tensor

@@ -13,6 +13,7 @@ from llmfast.models.gpt2 import GPT2LMHeadModel
 from llmfast.models.llama import MODEL_TYPES as LLAMA_TYPES
 from llmfast.models.llama import LlamaForCausalLM
 from llmfast.models.rope import RotaryEmbedding
+from llmfast.ops.attention import MAX_HEAD_DIM
 
 MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {
     **{model_type: LlamaForCausalLM for model_type in LLAMA_TYPES},
@@ -68,6 +69,9 @@ def load_model(
             model = MODEL_CLASSES[model_type].from_hf_config(hf_config)
         except KeyError as exc:
             raise ValueError(f"{config_file}: lacks {exc.args[0]!r}, which {model_type} models need") from None
+    if model.config.head_dim > MAX_HEAD_DIM:  # refused here, not by the first forward's attention
+        raise ValueError(f"{config_file}: head_dim {model.config.head_dim} (hidden size per attention head) is over "
+                         f"{MAX_HEAD_DIM}, the largest llmfast's attention ops take")
     model = _to_empty_keeping_ties(model.to(dtype), device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):  # buffers that are computed, not stored
@@ -151,17 +155,25 @@ def _read_tensors(file: Path):
 
 @torch.no_grad()
 def _load_weights(model: torch.nn.Module, files: list[Path]) -> None:
-    """Copies every checkpoint tensor into its parameter (converting dtype and device), one at a time."""
+    """Copies every checkpoint tensor into its parameter (converting dtype and device), one at a time.
+
+    A tied weight is filled from the tensor stored under its first name (the input embedding) or, where
+    only that is missing, from one stored under another of its names (``lm_head.weight``), as transformers."""
     params = dict(model.named_parameters())  # tied weights appear once, under their first name
-    loaded, unexpected = set(), []
+    first_name = {id(p): name for name, p in params.items()}
+    aliases = {name: first_name[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    loaded, loaded_by_first_name, unexpected = set(), set(), []
     for file in files:
         for hf_name, stored in _read_tensors(file):
             mapped = model.load_hf_tensor(hf_name, stored)
             if mapped is None:
                 continue
-            name, tensor = mapped
-            if name not in params:
+            alias, tensor = mapped
+            if alias not in aliases:
                 unexpected.append(hf_name)
+                continue
+            name = aliases[alias]
+            if alias != name and name in loaded_by_first_name:
                 continue
             param = params[name]
             if tensor.shape != param.shape:
@@ -173,6 +185,8 @@ def _load_weights(model: torch.nn.Module, files: list[Path]) -> None:
                 raise ValueError(f"{file.name}: tensor {hf_name} has dtype {tensor.dtype}, expected a float dtype")
             param.copy_(tensor)
             loaded.add(name)
+            if alias == name:
+                loaded_by_first_name.add(name)
     if unexpected:
         names = _names(sorted(unexpected))
         raise ValueError(f"checkpoint has tensors the {type(model).__name__} does not use: {names}")
