@@ -300,9 +300,10 @@ class FusedPostLN(nn.Module):
 def _quantize_linears(model: nn.Module, bits: int) -> None:
     from transformers.pytorch_utils import Conv1D
 
-    from llmfast.nn.quant_linear import QuantLinear
+    from llmfast.nn.quant_linear import QuantLinear, warn_kept_in_full_precision
 
     head = model.get_output_embeddings()  # kept in full precision: often tied to the input embedding
+    kept: list[int] = []  # in_features of the layers int4 cannot pack
 
     def build(child: nn.Module) -> QuantLinear | None:
         if child is head or not isinstance(child, (nn.Linear, Conv1D)):
@@ -314,6 +315,7 @@ def _quantize_linears(model: nn.Module, bits: int) -> None:
             linear.bias = child.bias
         layer = QuantLinear.from_linear_auto(linear, bits)
         if layer is None:
+            kept.append(linear.in_features)
             return None
         if child.bias is not None and child.bias.dtype == layer.bias.dtype:
             layer.bias = child.bias  # the model's own parameter, trainable as before (from_linear freezes a copy)
@@ -321,6 +323,7 @@ def _quantize_linears(model: nn.Module, bits: int) -> None:
         return layer
 
     replace_children(model, build)
+    warn_kept_in_full_precision(kept, bits, "quantize")
 
 
 def _keep_state_dict_keys(layer: nn.Module, transposed: bool) -> None:

@@ -56,3 +56,28 @@ def test_quantized_engine_stays_close_to_float(checkpoints, quantization, tolera
         assert len(out.token_ids) == 6 and out.token_ids[0] == ref.token_ids[0]
         first = ref.token_ids[0]
         assert out.logprobs[0][first].logprob == pytest.approx(ref.logprobs[0][first].logprob, abs=tolerance)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int4_names_the_layers_it_cannot_pack(bits):
+    """in_features not a multiple of 8 cannot be packed in int4: those layers stay float, with a warning."""
+    import warnings
+
+    from llmfast.engine.model_runner import _quantize_linears
+    from llmfast.models import MODEL_CLASSES
+    from llmfast.nn.quant_linear import QuantLinear
+
+    config = dict(model_type="llama", vocab_size=50, hidden_size=60, intermediate_size=96, num_hidden_layers=1,
+                  num_attention_heads=3, num_key_value_heads=1)
+    model = MODEL_CLASSES["llama"].from_hf_config(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quantize_linears(model, bits)
+    messages = [str(w.message) for w in caught]
+    quantized = sum(isinstance(m, QuantLinear) for m in model.modules())
+    if bits == 8:
+        assert quantized == 7 and not messages
+    else:  # q, k, v, o, gate, up take 60 features; down takes 96
+        assert quantized == 1
+        assert messages == ["quantization: 6 linear layers kept in full precision: int4 packs 8 input features "
+                            "per int32 and their in_features (60) are not multiples of 8"]

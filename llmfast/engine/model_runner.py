@@ -15,7 +15,7 @@ from llmfast.engine.sampler import Sampler
 from llmfast.engine.scheduler import ScheduledBatch
 from llmfast.engine.sequence import Sequence
 from llmfast.models import AttentionMetadata, load_model
-from llmfast.nn.quant_linear import QuantLinear
+from llmfast.nn.quant_linear import QuantLinear, warn_kept_in_full_precision
 from llmfast.nn.replace import replace_children
 from llmfast.ops._checks import trusted_index_values
 
@@ -172,10 +172,17 @@ class ModelRunner:
 
 
 def _quantize_linears(model: nn.Module, bits: int) -> None:
-    """Swaps every ``nn.Linear`` but the output head (often tied to the embedding) for a ``QuantLinear``."""
+    """Swaps every ``nn.Linear`` but the output head (often tied to the embedding) for a ``QuantLinear``; warns
+    about those int4 cannot pack."""
+    kept: list[int] = []  # in_features of the layers int4 cannot pack
+
     def build(child: nn.Module) -> QuantLinear | None:
         if not isinstance(child, nn.Linear) or child is model.lm_head:
             return None
-        return QuantLinear.from_linear_auto(child, bits)
+        layer = QuantLinear.from_linear_auto(child, bits)
+        if layer is None:
+            kept.append(child.in_features)
+        return layer
 
     replace_children(model, build)
+    warn_kept_in_full_precision(kept, bits, "quantization")

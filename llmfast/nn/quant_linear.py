@@ -1,6 +1,8 @@
 """QuantLinear: a drop-in for torch.nn.Linear with a frozen, weight-only quantized weight."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from llmfast.ops._checks import check_positive_int
@@ -94,3 +96,12 @@ def _check_layout(in_features, out_features, bits, group_size) -> None:
         raise ValueError(f"group_size: in_features = {in_features} is not a multiple of group_size={group_size}")
     if bits == 4 and in_features % 8 != 0:
         raise ValueError(f"in_features: 4-bit packing needs a multiple of 8, got {in_features}")
+
+
+def warn_kept_in_full_precision(in_features: list[int], bits: int, asked: str) -> None:
+    """Says which layers ``from_linear_auto`` left as they were (none for int8), so that ``asked`` (the
+    argument that asked for quantization) is not silently only partly honoured."""
+    if in_features:
+        sizes = ", ".join(str(n) for n in sorted(set(in_features)))
+        warnings.warn(f"{asked}: {len(in_features)} linear layers kept in full precision: int{bits} packs 8 input "
+                      f"features per int32 and their in_features ({sizes}) are not multiples of 8", stacklevel=4)
