@@ -136,3 +136,29 @@ def test_inductor_compiles_the_varlen_reference(causal):
 
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+def test_dynamic_fullgraph_compile_of_the_ops_with_their_float_arguments(backend):
+    """compile(dynamic=True) passes eps and softmax_scale as symbolic floats: the checks compare them instead
+    of calling math.isfinite (which broke the graph)."""
+    require_backend(backend, "paged_attention", DEVICE)
+    ops, dynamic = llmfast.ops, dict(fullgraph=True, dynamic=True, backend="aot_eager")
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, device=DEVICE)
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    k_cache = torch.randn(4, 4, 2, 32, device=DEVICE)
+    block_tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE)
+    context_lens = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
+    calls = [
+        (lambda x, eps: ops.add_rms_norm(x, x, None, eps=eps, backend=backend)[0], x, 1e-3),
+        (lambda x, eps: ops.add_layer_norm(x, None, None, None, eps=eps, backend=backend)[0], x, 1e-3),
+        (lambda q, scale: ops.paged_attention(q, k_cache, k_cache, block_tables, context_lens, softmax_scale=scale,
+                                              backend=backend), q, 0.3),
+    ]
+    if backend in llmfast.available_backends("attention"):
+        calls.append((lambda q, scale: ops.attention(q[None], q[None], q[None], softmax_scale=scale,
+                                                     backend=backend), q, 0.3))
+    for fn, tensor, value in calls:
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(fn, **dynamic)(tensor, value), fn(tensor, value), rtol=1e-5, atol=1e-5)

@@ -55,7 +55,7 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
 def check_positive_float(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    if not (value > 0 and math.isfinite(value)):
+    if not 0 < value < math.inf:  # comparisons, not math.isfinite: torch.compile(dynamic=True) passes a SymFloat
         raise ValueError(f"{name}: expected a positive finite number, got {value}")
     return float(value)
 

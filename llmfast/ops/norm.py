@@ -74,7 +74,7 @@ def _check_norm_inputs(x, residual, weight, bias, eps) -> Tensor | None:
             check_shape(name, t, (hidden,), "(hidden,)")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
-    if not (eps >= 0 and math.isfinite(eps)):
+    if not 0 <= eps < math.inf:  # comparisons, not math.isfinite: torch.compile(dynamic=True) passes a SymFloat
         raise ValueError(f"eps: expected a non-negative finite number, got {eps}")
     return None if residual is None else residual.to(x.dtype)
 
