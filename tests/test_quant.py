@@ -80,6 +80,24 @@ def test_int4_group_spanning_the_dtype_range(dtype):
     assert ((w - weight.double()).abs() <= step / 2 * (1 + 2**-6)).all()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_at_the_dtype_maximum_dequantize_finite(dtype, bits):
+    """A scale rounded up put a group's top code past the dtype's largest value (fp16 65504 -> inf): the
+    weight stays finite, within a step there and within half a step elsewhere."""
+    big = torch.finfo(dtype).max
+    weight = torch.randn(4, 32).to(dtype)
+    weight[0, 0], weight[1, 3], weight[2] = big, -big, big
+    weight[3] = torch.tensor(65472.0 if dtype == torch.float16 else big / 2, dtype=dtype)
+    qw = quantize(weight, bits, 32)
+    w, deq, step = weight.double(), qw.dequantize().double(), _scale_per_element(qw)
+    assert torch.isfinite(deq).all() and torch.isfinite(quant_matmul(torch.eye(32, dtype=dtype)[:1], qw, backend="reference")).all()
+    assert ((deq - w).abs() <= step * (1 + 1e-6) + torch.finfo(dtype).eps * w.abs()).all()
+    near_max = w.abs() > big - step
+    half_step = 0.5 * step * (1 + 1e-6) + torch.finfo(dtype).eps * w.abs()
+    assert ((deq - w).abs() <= half_step)[~near_max].all()
+
+
 def test_a_non_contiguous_int4_qweight_dequantizes():
     qw = quantize(torch.randn(8, 64), 4, 32)
     strided = QuantizedWeight(qw.qweight.t().contiguous().t(), qw.scales, qw.zeros)

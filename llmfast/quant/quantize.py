@@ -35,10 +35,15 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128) -> Quantize
     w = weight.detach().float().reshape(n, groups, k // groups)  # (N, groups, group_size)
     # scales and zero points are stored in the weight's dtype; the codes are rounded against those stored
     # values, and each scale is rounded up so that its grid covers the whole group: every element then
-    # lies within half a step of its dequantized value
+    # lies within half a step of its dequantized value (but those within a step of the dtype's largest value)
     if bits == 8:
         scales = _rounded_up(w.abs().amax(dim=-1) / 127, weight.dtype)  # (N, groups)
+        # near the dtype's largest value, 127 * (a scale rounded up) overflows: one ulp down, the top code
+        # then covers it (a 16-bit ulp moves the top code by well under a step: fp16 0.12, bf16 at most 1)
+        overflows = (127 * scales.float()).to(weight.dtype).isinf()
+        scales = torch.where(overflows, torch.nextafter(scales, torch.zeros_like(scales)), scales)
         codes = torch.round(w / _nonzero(scales)).clamp(-127, 127)
+        codes = _finite(codes, codes * scales.float()[..., None], weight.dtype)
         return QuantizedWeight(codes.to(torch.int8).view(n, k), scales)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, groups)
     scales = _rounded_up(hi / 15 - lo / 15, weight.dtype)  # (hi - lo) overflows float32 near its max
@@ -48,7 +53,16 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128) -> Quantize
     z = zeros.float()
     scales = _rounded_up(torch.maximum(scales.float(), torch.maximum((z - lo) / 8, (hi - z) / 7)), weight.dtype)
     codes = (torch.round((w - z[..., None]) / _nonzero(scales)) + 8).clamp(0, 15)
+    codes = _finite(codes, (codes - 8) * scales.float()[..., None] + z[..., None], weight.dtype)
     return QuantizedWeight(pack_int4(codes.view(n, k)), scales, zeros)
+
+
+def _finite(codes: torch.Tensor, dequantized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes`` moved one step inward where their float32 ``dequantized`` value (as ``dequantize`` computes
+    it) rounds to inf in ``dtype``: a weight within a step of the dtype's largest value, whose rounded-up
+    scale put its code past it. Such elements are off by up to one step instead of half."""
+    overflow = dequantized.to(dtype).isinf()
+    return torch.where(overflow, codes - torch.sign(dequantized), codes)
 
 
 def _rounded_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
