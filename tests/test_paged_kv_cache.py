@@ -72,6 +72,21 @@ def test_write_then_attend(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_moving_tokens_within_the_cache_reads_them_before_writing(backend):
+    """k and v that are views of the caches' own slots (moving cached tokens): every backend as the reference,
+    which reads k and v whole before writing. The kernels read slots they had already overwritten."""
+    require_backend(backend, "write_kv_cache")
+    k_cache, v_cache = torch.randn(3, 4, 2, 8, device=DEVICE), torch.randn(3, 4, 2, 8, device=DEVICE)
+    k_slots, v_slots = k_cache.view(12, 2, 8), v_cache.view(12, 2, 8)
+    expected_k, expected_v = k_slots.clone(), v_slots.clone()
+    expected_k[1:5], expected_v[1:5] = k_slots[0:4], v_slots[2:6]  # one slot on, and one slot back
+    write_kv_cache(k_slots[0:4], v_slots[2:6], k_cache, v_cache, torch.tensor([1, 2, 3, 4], device=DEVICE),
+                   backend=backend)
+    torch.testing.assert_close(k_slots, expected_k, rtol=0, atol=0)
+    torch.testing.assert_close(v_slots, expected_v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_caches_that_cannot_be_written_in_place_are_refused(backend):
     """A cache that requires grad, or an inference tensor outside inference mode: the reference's in-place
     write raised torch's RuntimeError while the kernels wrote silently; now every backend names the cache."""

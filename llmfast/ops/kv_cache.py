@@ -61,8 +61,19 @@ def write_kv_cache(
     with slot = block * block_size + offset, or -1 to skip the token (e.g. padding).
     """
     _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping)
+    if not torch.compiler.is_compiling():
+        k, v = _apart_from_caches(k, k_cache, v_cache), _apart_from_caches(v, k_cache, v_cache)
     impl = select("write_kv_cache", backend, k.device)
     impl(k, v, k_cache, v_cache, contiguous_index(slot_mapping))
+
+
+def _apart_from_caches(t: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """``t``, copied where it is a view into a cache (moving cached tokens): the kernels would read slots they
+    have already written. The reference's index_put reads all of ``t`` first."""
+    storage = t.untyped_storage().data_ptr()
+    if storage in (k_cache.untyped_storage().data_ptr(), v_cache.untyped_storage().data_ptr()):
+        return t.clone()
+    return t
 
 
 def _check_write_kv_cache_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
