@@ -24,6 +24,7 @@ CPU_PROGRAMS = 4
 # A split gets at least this many keys: fewer would make the reduce pass cost more than it saves.
 MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 64
+NO_SCORE = tl.constexpr(-3.4028234663852886e38)  # the lowest float32: the running max before any key
 MAX_GRID_Z = MAX_GRID_YZ  # the grid's z size is tiles * splits of one sequence
 # Query rows per prefill program (tokens x group heads; decode uses max(16, group) rows) and keys per
 # tile: not yet tuned on the H100. The interpreter pays a fixed cost per op and program, so on CPU the
@@ -128,8 +129,9 @@ def _paged_attention_kernel(
     q = tl.load(Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
     q = q.to(DOT_DTYPE)
 
-    # finite start: a row that sees no key keeps m = -1e30, l = 0, and exp2(-inf - m) stays 0 (not NaN)
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    # finite start: a row that sees no key keeps m = NO_SCORE, l = 0, and exp2(-inf - m) stays 0 (not NaN);
+    # the lowest float32, so that a row whose every score is finite but tiny (-2e36) still weighs its keys
+    m_i = tl.full([BLOCK_M], NO_SCORE, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table = BlockTables + seq.to(tl.int64) * stride_bt
@@ -185,7 +187,7 @@ def _paged_attention_reduce_kernel(
     dims = tl.arange(0, BLOCK_D)
     split_valid = splits < NUM_SPLITS
     part = (token * heads + head) * NUM_SPLITS + splits
-    m = tl.load(PartMax + part, mask=split_valid, other=-1.0e30)
+    m = tl.load(PartMax + part, mask=split_valid, other=NO_SCORE)
     l = tl.load(PartSum + part, mask=split_valid, other=0.0)
     mask = split_valid[:, None] & (dims[None, :] < head_dim)
     acc = tl.load(PartAcc + part[:, None] * head_dim + dims[None, :], mask=mask, other=0.0)

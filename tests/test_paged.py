@@ -176,6 +176,28 @@ def test_paged_attention_softmax_scale_and_empty_context(backend):
         assert_close_2x(out[i : i + 1], peer, ref, slack_ulps=16.0)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_scores_below_minus_1e30_still_weigh_their_keys(backend, splits, monkeypatch):
+    """Every score -2e36 (finite): a softmax over equal scores, the mean of the visible values. The Triton and
+    CUDA kernels started their running max at -1e30, above every score, and gave 0."""
+    require_backend(backend, "paged_attention")
+    if splits > 1:
+        if backend != "triton":
+            pytest.skip("splits are the Triton kernel's")
+        import llmfast_kernels.paged as kernels
+        monkeypatch.setattr(kernels, "num_splits", lambda *a: splits)
+    q = torch.full((2, 2, 8), 1e18, device=DEVICE)
+    k_cache = torch.full((4, 4, 1, 8), -1e18, device=DEVICE)
+    v_cache = _randn(4, 4, 1, 8)
+    block_tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE)
+    out = paged_attention(q, k_cache, v_cache, block_tables, torch.tensor([3, 7], dtype=torch.int32, device=DEVICE),
+                          softmax_scale=2**-5, backend=backend)
+    means = [v_cache[0, :3, 0].mean(0), v_cache[2:4].reshape(8, 8)[:7].mean(0)]
+    for seq, mean in enumerate(means):
+        torch.testing.assert_close(out[seq], mean.expand(2, 8), rtol=1e-5, atol=1e-5)
+
+
 def _strided(index: torch.Tensor, junk: torch.Tensor) -> torch.Tensor:
     """``index`` as a view with stride 2 whose skipped elements hold ``junk`` (other valid values), so a
     kernel that reads the storage with unit stride gets a wrong, not an out-of-range, index."""

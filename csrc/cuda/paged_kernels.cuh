@@ -27,7 +27,9 @@ constexpr int kMaxTileKeys = 32;     // keys per shared-memory tile (16 at head_
 // 71) is split over ceil(group / 64) CTAs, each of which reads the K/V again.
 constexpr int kNarrowRows = 16;
 constexpr int kWideRows = 64;
-constexpr float kNoScore = -1e30f;   // finite running-max start: exp2f(-inf - kNoScore) is 0, not NaN
+// finite running-max start: exp2f(-inf - kNoScore) is 0, not NaN; the lowest float, so that a row whose
+// every score is finite but below -1e30 still weighs its keys
+constexpr float kNoScore = -3.40282347e+38f;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Threads of an attention CTA of `rows` rows: each holds rows * kMaxHeadDim / threads P @ V outputs in
