@@ -162,3 +162,30 @@ def test_dynamic_fullgraph_compile_of_the_ops_with_their_float_arguments(backend
     for fn, tensor, value in calls:
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(fn, **dynamic)(tensor, value), fn(tensor, value), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked_prefill"])
+def test_inductor_compiles_the_paged_reference(chunked):
+    """Traced, the paged reference masks each query to the slots its block table holds instead of slicing by
+    context_lens (which Inductor could not lower); an empty context, unused -1 entries and NaN in unused
+    slots included."""
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(8, 4, 2, 16), torch.randn(8, 4, 2, 16)
+    k_cache[7], v_cache[7] = float("nan"), float("nan")  # a block no sequence uses
+    block_tables = torch.tensor([[3, 0, -1], [7, -1, -1], [1, 2, 5]], dtype=torch.int32)
+    context_lens = torch.tensor([6, 0, 11], dtype=torch.int32)
+    ops = llmfast.ops
+    if chunked:
+        q, cu_q = torch.randn(7, 4, 16), torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+
+        def fn(q):
+            return ops.paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q=cu_q,
+                                       max_seqlen_q=4, backend="reference")
+    else:
+        q = torch.randn(3, 4, 16)
+
+        def fn(q):
+            return ops.paged_attention(q, k_cache, v_cache, block_tables, context_lens, backend="reference")
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q), fn(q), rtol=1e-5, atol=1e-5)

@@ -261,6 +261,8 @@ def paged_attention_reference(
     Its signature is the contract for every paged_attention backend: inputs arrive validated, with
     ``softmax_scale`` resolved to a float and, for chunked prefill, ``max_seqlen_q`` to an int.
     """
+    if not values_readable():  # traced: the lengths cannot be read to slice each sequence's context
+        return _paged_attention_masked(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale)
     num_seqs, block_size = block_tables.shape[0], k_cache.shape[1]
     offsets_q = list(range(num_seqs + 1)) if cu_seqlens_q is None else cu_seqlens_q.tolist()
     outs = []
@@ -273,6 +275,36 @@ def paged_attention_reference(
         )  # (1, queries, heads, head_dim)
         outs.append(o[0])
     return torch.cat(outs) if outs else torch.zeros_like(q)
+
+
+def _paged_attention_masked(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale):
+    """``paged_attention_reference`` without reading any index value on the host (for torch.compile): each
+    query against every slot its sequence's block table can hold, masked to the context it sees."""
+    num_seqs, max_blocks = block_tables.shape
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    tokens = q.shape[0]
+    seq = torch.arange(tokens, device=q.device)  # decode: query t is sequence t's newest token
+    context = context_lens.long()
+    if cu_seqlens_q is None:
+        pos = context - 1
+    else:
+        cu_q = cu_seqlens_q.long()
+        seq = torch.searchsorted(cu_q[1:], seq, right=True)  # (tokens,) the sequence of each query
+        pos = context[seq] - (cu_q[seq + 1] - torch.arange(tokens, device=q.device))  # the last query is context-1
+    # unused table entries may hold anything (-1): clamped to a real block, and masked out below
+    blocks = block_tables.long().clamp(0, max(num_blocks - 1, 0))[seq]  # (tokens, max_blocks)
+    slots = torch.arange(max_blocks * block_size, device=q.device)
+    visible = (slots[None, :] < context[seq][:, None]) & (slots[None, :] <= pos[:, None])  # (tokens, slots)
+    k = k_cache[blocks].flatten(1, 2)  # (tokens, slots, kv_heads, head_dim)
+    v = torch.where(visible[..., None, None], v_cache[blocks].flatten(1, 2), 0)  # unused slots may hold NaN
+    group = q.shape[1] // kv_heads
+    k, v = k.float().repeat_interleave(group, dim=2), v.float().repeat_interleave(group, dim=2)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.einsum("thd,tkhd->thk", q.float(), k) * softmax_scale  # (tokens, heads, slots)
+        scores = scores.masked_fill(~visible[:, None, :], torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1) * visible[:, None, :]  # a query that sees no key: 0
+        o = torch.einsum("thk,tkhd->thd", probs, v)
+    return o.to(q.dtype)
 
 
 # "auto" follows this order (write_kv_cache's too): triton first on CUDA, because its kernel runs the scores and
