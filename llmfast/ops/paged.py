@@ -280,8 +280,8 @@ def paged_attention_reference(
 def _paged_attention_masked(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, softmax_scale):
     """``paged_attention_reference`` without reading any index value on the host (for torch.compile): each
     query against every slot its sequence's block table can hold, masked to the context it sees."""
-    num_seqs, max_blocks = block_tables.shape
-    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    max_blocks = block_tables.shape[1]
+    num_blocks, block_size, kv_heads = k_cache.shape[:3]
     tokens = q.shape[0]
     seq = torch.arange(tokens, device=q.device)  # decode: query t is sequence t's newest token
     context = context_lens.long()
