@@ -2,7 +2,7 @@
 cuDNN and efficient backends, forward and backward, measured in the same run. GPU only.
 
     python -m benchmarks.bench_attention            # the full grid -> results/{gpu}_attention.json, .png
-    python -m benchmarks.bench_attention --quick    # one tiny case -> results/{gpu}_attention_quick.*
+    python -m benchmarks.bench_attention --quick    # one tiny case, results to a temporary folder (or --out-dir)
     python -m benchmarks.bench_attention --causal yes   # half the grid -> results/{gpu}_attention_causal.*
 
 The results file is rewritten after every case, so a run stopped by a time limit keeps what it measured.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from llmfast.ops.attention import attention
 from llmfast_kernels import attention as fwd_kernels
+from . import common
 from .common import BF16_TFLOPS, bench_ms, default_device, plot_bars, print_table, save_results
 
 # (batch, heads, seqlen, head_dim), as issue 3 and BENCHMARKS.md list them
@@ -185,13 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", choices=("both", "no", "yes"), default="both",
                         help="the causal cases, the non-causal ones, or both (default; may not fit one device call)")
     parser.add_argument("--device", choices=("cuda",), help="cuda (the only device it runs on)")
+    parser.add_argument("--out-dir", type=common.writable_dir, help="where JSON + PNG go (default benchmarks/results/; "
+                        "with --quick a temporary folder)")
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
     if device.type != "cuda" or not torch.cuda.is_available():
-        print("bench_attention: needs a CUDA GPU (the SDPA peers and our kernels' timings are GPU-only); "
-              "no results written")
+        print(f"{parser.prog}: needs a CUDA GPU (the SDPA peers and our kernels' timings are GPU-only); "
+              "no results written", file=sys.stderr)
         return 2
+    with common.results_dir(common.out_dir(args, "attention")):
+        return _run(args, device)
 
+
+def _run(args: argparse.Namespace, device: torch.device) -> int:
+    """Times every case, saving the results after each (a run cut short keeps what it measured)."""
     cases_shapes = QUICK_CASES if args.quick else CASES
     causals = {"both": (False, True), "no": (False,), "yes": (True,)}[args.causal]
     # a quick or half run must not overwrite the full grid's results

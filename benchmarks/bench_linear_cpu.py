@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", type=common.parse_int_list, default=MS, help="batch rows M, e.g. 1,8,32")
     parser.add_argument("--repeats", type=int, default=3, help="timings per case, implementations interleaved")
     parser.add_argument("--threads", type=common.positive_int, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--out-dir", type=Path, help="write the JSON + PNG here instead of benchmarks/results/")
+    parser.add_argument("--out-dir", type=common.writable_dir, help="write the JSON + PNG here instead of benchmarks/results/")
     args = parser.parse_args(argv)
     if not _ext.has_op("packed_linear_cpu"):
         raise SystemExit("llmfast._C with packed_linear_cpu is not built here: nothing of ours to time")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -305,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}: a smoke run (CPU too)")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile peer out")
-    parser.add_argument("--out-dir", type=Path, help="where JSON + PNG go (default benchmarks/results/; "
+    parser.add_argument("--out-dir", type=common.writable_dir, help="where JSON + PNG go (default benchmarks/results/; "
                         "--quick: a temporary folder)")
     args = parser.parse_args(argv)
     with common.results_dir(common.out_dir(args, "norm")):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"cases {QUICK_CASES}: a smoke run")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU; cpu runs "
                         "bench_paged_cpu")
-    parser.add_argument("--out-dir", type=Path, help="where JSON + PNG go (default benchmarks/results/; "
+    parser.add_argument("--out-dir", type=common.writable_dir, help="where JSON + PNG go (default benchmarks/results/; "
                         "--quick: a temporary folder)")
     args = parser.parse_args(argv)
     if (args.device or common.default_device().type) == "cpu":

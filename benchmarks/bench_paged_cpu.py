@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=common.positive_int, default=3,
                         help="timings per case, implementations interleaved")
     parser.add_argument("--threads", type=common.positive_int, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--out-dir", type=Path, help="where JSON + PNG go (default benchmarks/results/; "
+    parser.add_argument("--out-dir", type=common.writable_dir, help="where JSON + PNG go (default benchmarks/results/; "
                         "--quick: a temporary folder)")
     args = parser.parse_args(argv)
     missing = [op for op in ("paged_attention", "write_kv_cache") if "cpu" not in llmfast.available_backends(op)]

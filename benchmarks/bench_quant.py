@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", type=common.parse_int_list, help="batch rows M, e.g. 1,16,64")
     parser.add_argument("--quick", action="store_true", help="a few small cases, results to a temporary folder")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
-    parser.add_argument("--out-dir", type=Path, help="write the JSON + PNG here instead of benchmarks/results/")
+    parser.add_argument("--out-dir", type=common.writable_dir, help="write the JSON + PNG here instead of benchmarks/results/")
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cpu":

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", type=parse_shapes, default=SHAPES, help="K x N list, e.g. 4096x4096,4096x11008")
     parser.add_argument("--m", type=common.parse_int_list, default=MS, help="batch rows M, e.g. 1,4,16,64")
     parser.add_argument("--repeats", type=int, default=3, help="timings per case, implementations interleaved")
-    parser.add_argument("--out-dir", type=Path, help="write the JSON + PNG here instead of benchmarks/results/")
+    parser.add_argument("--out-dir", type=common.writable_dir, help="write the JSON + PNG here instead of benchmarks/results/")
     args = parser.parse_args(argv)
     if "cpu" not in llmfast.available_backends("quant_matmul"):
         raise SystemExit("llmfast._C with quant_matmul_cpu is not built here: nothing of ours to time")

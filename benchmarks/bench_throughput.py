@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--parts", default="a,b,c", help="GPU parts to run, comma-separated (default a,b,c)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per system (median reported)")
-    parser.add_argument("--out-dir", type=Path, help="where JSON + PNG go (default benchmarks/results/)")
+    parser.add_argument("--out-dir", type=common.writable_dir, help="where JSON + PNG go (default benchmarks/results/)")
     parser.add_argument("--threads", type=common.positive_int, help="torch CPU threads (default: torch's own); on a machine "
                         "shared with other jobs, 1 avoids threads waiting on each other at every small op")
     args = parser.parse_args(argv)

@@ -255,6 +255,17 @@ def results_path(name: str, suffix: str, device: torch.device | str | None = Non
     return directory / f"{tag}_{name}{suffix}"
 
 
+def writable_dir(value: str) -> Path:
+    """argparse ``type`` of ``--out-dir``: the folder, created now, so that a path that cannot be one is an
+    argument error before anything is measured (not a traceback when the results are saved)."""
+    path = Path(value)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot create folder {value}: {exc.strerror or exc}") from None
+    return path
+
+
 def out_dir(args: argparse.Namespace, name: str) -> Path | None:
     """Where a run's JSON + PNG go: ``args.out_dir``; else, for ``--quick``, a fresh temporary folder (a smoke
     run never touches the committed results); else None, benchmarks/results/. Use with results_dir."""

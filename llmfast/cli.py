@@ -19,11 +19,20 @@ def _cuda_available() -> bool:
 
 
 # (flag, SamplingParams field, type): flags left out take generation_config.json's value, else SamplingParams'
-SAMPLING_FLAGS = (("--n", "n", int), ("--temperature", "temperature", float), ("--top-k", "top_k", int),
-                  ("--top-p", "top_p", float), ("--min-p", "min_p", float),
-                  ("--repetition-penalty", "repetition_penalty", float),
-                  ("--presence-penalty", "presence_penalty", float), ("--frequency-penalty", "frequency_penalty", float),
-                  ("--max-tokens", "max_tokens", int), ("--min-tokens", "min_tokens", int), ("--seed", "seed", int))
+# (flag, SamplingParams field, type, help)
+SAMPLING_FLAGS = (
+    ("--n", "n", int, "completions per prompt (default 1)"),
+    ("--temperature", "temperature", float, "0 is greedy (default 1.0)"),
+    ("--top-k", "top_k", int, "sample from the k likeliest tokens; 0 or -1: all (default 0)"),
+    ("--top-p", "top_p", float, "sample from the smallest set of tokens with this probability (default 1.0)"),
+    ("--min-p", "min_p", float, "drop tokens less likely than min_p x the likeliest (default 0.0)"),
+    ("--repetition-penalty", "repetition_penalty", float, "> 1 discourages tokens already seen (default 1.0)"),
+    ("--presence-penalty", "presence_penalty", float, "subtracted from the logit of each token generated (default 0.0)"),
+    ("--frequency-penalty", "frequency_penalty", float, "times each generated token's count, subtracted (default 0.0)"),
+    ("--max-tokens", "max_tokens", int, "new tokens at most (default 16)"),
+    ("--min-tokens", "min_tokens", int, "new tokens before eos or a stop may end a completion (default 0)"),
+    ("--seed", "seed", int, "this request's seed: the same output whatever else runs (default: the engine's)"),
+)
 
 
 def _port(text: str) -> int:
@@ -65,7 +74,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from llmfast.engine import LLM, SamplingParams
 
-    given = {field: getattr(args, field) for _, field, _ in SAMPLING_FLAGS if getattr(args, field) is not None}
+    given = {field: getattr(args, field) for _, field, _, _ in SAMPLING_FLAGS if getattr(args, field) is not None}
     try:
         fixed = dict(stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos)
         # bad flags fail before the model loads; max_tokens is checked once generation_config.json is read
@@ -188,11 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     sampling = generate.add_argument_group(
         "sampling (vLLM's SamplingParams; default: generation_config.json's fields, else SamplingParams')")
-    for flag, field, kind in SAMPLING_FLAGS:
-        sampling.add_argument(flag, dest=field, type=kind, default=None)
+    for flag, field, kind, text in SAMPLING_FLAGS:
+        sampling.add_argument(flag, dest=field, type=kind, default=None, help=text)
     sampling.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    sampling.add_argument("--stop-token-ids", type=int, nargs="+", default=None)
-    sampling.add_argument("--ignore-eos", action="store_true")
+    sampling.add_argument("--stop-token-ids", type=int, nargs="+", default=None, help="token ids that end a completion")
+    sampling.add_argument("--ignore-eos", action="store_true", help="keep generating past the eos token")
     generate.add_argument("--stream", action="store_true", help="print the text as it is generated")
     generate.set_defaults(run=_generate)
 
@@ -227,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback through the engine; 130 as a shell reports it
+        print("llmfast: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -222,7 +222,34 @@ def test_bench_all_skips_the_gpu_only_benchmarks_without_a_gpu(monkeypatch, caps
 def test_every_benchmark_has_a_cli_entry_with_help(name):
     result = llmfast("bench", name, "--help", timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "--quick" in result.stdout
+    assert "--quick" in result.stdout and "--out-dir" in result.stdout  # `bench all --out-dir` passes it to each
+
+
+@pytest.mark.parametrize("name", ["norm", "attention"])
+def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_measuring(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_cuda_available", lambda: True)  # attention: the argument is checked before the GPU
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    assert cli.main(["bench", name, "--quick", "--out-dir", str(not_a_folder / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert f"argument --out-dir: cannot create folder {not_a_folder / 'sub'}: Not a directory" in err
+
+
+def test_ctrl_c_ends_a_command_with_a_line_and_status_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_demo", interrupted)
+    assert cli.main(["demo"]) == 130
+    assert capsys.readouterr().err == "llmfast: interrupted\n"
+
+
+def test_every_generate_flag_has_help():
+    import argparse
+
+    parser = cli.build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    undocumented = [a.option_strings for a in subcommands.choices["generate"]._actions if a.help is None]
+    assert not undocumented
 
 
 def test_bench_all_help_describes_all(capsys):
